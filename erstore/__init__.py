@@ -1,0 +1,55 @@
+"""erstore: a versioned, content-addressed store of transformer hidden states.
+
+    import erstore
+    store = erstore.open("./stores/minilm-l3")              # newest version
+    h = store.get(store.key_for("Some text in the corpus."))  # [n_tokens, d]
+
+`import erstore` loads neither torch nor transformers; building (`erstore.build`) and
+`Store.key_for` load them on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from erstore.errors import (
+    CommitConflictError,
+    CorruptStoreError,
+    ErstoreError,
+    IncompatibleStoreError,
+    InvalidInputError,
+    KeyNotFoundError,
+    StoreNotFoundError,
+    StorePermissionError,
+)
+from erstore.keys import key_for_ids
+from erstore.store import Entry, Store
+
+if TYPE_CHECKING:
+    from erstore.builder import BuildConfig, BuildResult
+
+__version__ = "0.1.0"
+
+
+def open(path: str | os.PathLike[str], *, version: int | None = None, **options: Any) -> Store:  # noqa: A001
+    """Open a store read-only at `version` (default: the newest committed one).
+
+    Raises StoreNotFoundError if `path` is not a store or has no such version, and
+    IncompatibleStoreError if it was written by a newer erstore format.
+    """
+    return Store(path, version=version, **options)
+
+
+def build(config: BuildConfig | None = None, **options: Any) -> list[BuildResult]:
+    """Run `erstore build` from Python: `erstore.build(model=..., layers=(3,), corpus=..., store=...)`."""
+    from erstore.builder import BuildConfig, build as run
+
+    return run(config or BuildConfig(**options))
+
+
+__all__ = [
+    "CommitConflictError", "CorruptStoreError", "Entry", "ErstoreError", "IncompatibleStoreError",
+    "InvalidInputError", "KeyNotFoundError", "Store", "StoreNotFoundError", "StorePermissionError",
+    "build", "key_for_ids", "open",
+]

@@ -1,0 +1,202 @@
+"""`erstore build`: run a model over a corpus once and store the hidden states of layer k.
+
+Order of work, chosen so that bad input fails before any compute and nothing is computed twice:
+read the corpus, load tokenizer and model, check layers and open every target store (recipe
+checks), tokenize everything into windows, drop windows already stored (or left durable by an
+interrupted build), then run the rest in length-sorted batches and commit one version per store.
+
+Several `layers` are written from one forward pass, one store per layer (see README: a consumer
+needs exactly one layer, and per-layer stores keep recipes, versions and space reclamation
+independent).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erstore.codecs import LosslessCodec
+from erstore.corpus import DEFAULT_CORPUS, read_corpus
+from erstore.errors import InvalidInputError
+from erstore.keys import window_key
+from erstore.manifest import Recipe, VersionManifest
+from erstore.model import LayerExtractor, to_numpy
+from erstore.tokenize import DEFAULT_MODEL, Windower, load_tokenizer, tokenizer_fingerprint
+from erstore.writer import StoreWriter
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `erstore build` needs; defaults build the packaged MiniLM over the stdlib corpus."""
+
+    model: str = DEFAULT_MODEL
+    layers: tuple[int, ...] = ()  # empty: the middle layer
+    corpus: str = DEFAULT_CORPUS
+    store: str | None = None  # default: ./stores/<model>-l<k>
+    dtype: str = "float16"
+    max_length: int | None = None  # default: min(512, tokenizer limit)
+    stride: int | None = None  # default: max_length // 4
+    batch_size: int = 32
+    device: str = "cpu"
+    text_field: str = "text"
+    pair_field: str | None = None
+    id_field: str | None = None
+    limit: int | None = None
+    progress: bool = True
+    store_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What one build did to one store."""
+
+    store: str
+    layer: int
+    version: VersionManifest | None  # None: nothing new, no version committed
+    documents: int
+    windows: int
+    computed: int
+    resumed: int
+    seconds: float
+
+    def summary(self) -> str:
+        v = self.version
+        head = f"store {self.store} (layer {self.layer}): "
+        if v is None:
+            return head + f"nothing new in {self.windows} windows; no version committed"
+        return head + (
+            f"version {v.version}: +{v.added.sequences} sequences, +{v.added.tokens} tokens, "
+            f"+{v.added.bytes / 1e6:.1f} MB; now {v.totals.sequences} sequences, "
+            f"{v.totals.tokens} tokens, {v.totals.bytes / 1e6:.1f} MB "
+            f"({self.computed} computed, {self.resumed} resumed, {self.seconds:.1f} s)"
+        )
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name).strip("-") or "model"
+
+
+def store_paths(config: BuildConfig, layers: list[int]) -> dict[int, str]:
+    if len(layers) == 1:
+        return {layers[0]: config.store or f"stores/{slug(config.model)}-l{layers[0]}"}
+    root = config.store or f"stores/{slug(config.model)}"
+    return {k: f"{root.rstrip('/')}/layer-{k}" for k in layers}
+
+
+def build(config: BuildConfig) -> list[BuildResult]:
+    """Build (or extend) one store per requested layer; return what each store got."""
+    started = time.perf_counter()
+    docs = read_corpus(config.corpus, text_field=config.text_field, pair_field=config.pair_field,
+                       id_field=config.id_field, limit=config.limit)
+    tokenizer = load_tokenizer(config.model)
+    max_length = config.max_length or min(512, int(tokenizer.model_max_length))
+    windower = Windower(tokenizer, max_length, max_length // 4 if config.stride is None else config.stride)
+    extractor = LayerExtractor(config.model, device=config.device)
+    layers = sorted(set(config.layers or (extractor.num_layers // 2,)))
+    for k in layers:
+        extractor.check_layer(k)
+    codec = LosslessCodec(config.dtype)
+    writers: dict[int, StoreWriter] = {}
+    try:
+        for k, path in store_paths(config, layers).items():
+            recipe = Recipe(
+                model_fingerprint=extractor.fingerprint, layer=k,
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_length=windower.max_length,
+                stride=windower.stride, codec=codec.to_dict(), hidden_size=extractor.hidden_size,
+                num_layers=extractor.num_layers, model_name=config.model,
+                model_type=extractor.config.model_type, tokenizer_name=config.model,
+                config=extractor.config.to_diff_dict(),
+            )
+            writers[k] = StoreWriter(path, recipe, **config.store_options)
+
+        windows = _tokenize(docs, windower, writers)
+        todo = _missing(windows, writers)
+        _compute(todo, extractor, writers, config)
+        results = []
+        info = {"corpus": str(config.corpus), "documents": len(docs), "windows": len(windows),
+                "computed": len(todo), "device": config.device,
+                "seconds": round(time.perf_counter() - started, 3)}
+        info["tokens_per_second"] = round(sum(len(w[1]) for w in todo) / max(info["seconds"], 1e-9), 1)
+        for k, writer in writers.items():
+            resumed = writer.adopted_sequences
+            manifest = writer.commit(build=info)
+            results.append(BuildResult(str(writer.location.url), k, manifest, len(docs), len(windows),
+                                       len(todo), resumed, time.perf_counter() - started))
+        return results
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def _tokenize(docs: list, windower: Windower, writers: dict[int, StoreWriter]) -> list[tuple[str, list[int], int]]:
+    """All windows of all documents as (key, ids, boundary); records each document's keys."""
+    out: list[tuple[str, list[int], int]] = []
+    step = 512
+    for start in range(0, len(docs), step):
+        part = docs[start : start + step]
+        pairs = [d.pair for d in part] if part[0].pair is not None else None
+        if pairs is not None and any(p is None for p in pairs):
+            raise InvalidInputError("some documents have a text pair and some do not; give all or none")
+        for doc, windows in zip(part, windower.windows_batch([d.text for d in part], pairs)):
+            keys = [window_key(ids, b) for ids, b in windows]
+            for writer in writers.values():
+                writer.add_document(doc.id, keys)
+            out.extend((key, ids, b) for key, (ids, b) in zip(keys, windows))
+    return out
+
+
+def _missing(windows: list[tuple[str, list[int], int]], writers: dict[int, StoreWriter]) -> list:
+    """Unique windows that at least one target store lacks, with the layers that need them."""
+    unique: dict[str, tuple[list[int], int]] = {}
+    for key, ids, b in windows:
+        unique.setdefault(key, (ids, b))
+    keys = list(unique)
+    need = {k: w.missing(keys) for k, w in writers.items()}
+    todo = []
+    for i, key in enumerate(keys):
+        layers = [k for k in writers if need[k][i]]
+        if layers:
+            todo.append((key, *unique[key], layers))
+    return todo
+
+
+def _compute(todo: list, extractor: LayerExtractor, writers: dict[int, StoreWriter], config: BuildConfig) -> None:
+    """Run the model over `todo` in length-sorted batches and append each layer's states."""
+    import torch
+    from tqdm.auto import tqdm
+
+    todo = sorted(todo, key=lambda t: len(t[1]), reverse=True)
+    layers = sorted(writers)
+    use_types = extractor.accepts_token_types()
+    bar = tqdm(total=len(todo), unit="seq", disable=not config.progress or None, desc="build",
+               dynamic_ncols=True)
+    tokens_done, t0 = 0, time.perf_counter()
+    try:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start : start + config.batch_size]
+            width = len(batch[0][1])
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            types = torch.zeros((len(batch), width), dtype=torch.long) if use_types else None
+            for row, (_, tok, boundary, _) in enumerate(batch):
+                ids[row, : len(tok)] = torch.tensor(tok)
+                mask[row, : len(tok)] = 1
+                if types is not None and boundary:
+                    types[row, boundary : len(tok)] = 1
+            device = extractor.device
+            hidden = extractor(ids.to(device), mask.to(device),
+                               None if types is None else types.to(device), layers)
+            arrays = {k: to_numpy(h) for k, h in hidden.items()}
+            for row, (key, tok, boundary, need) in enumerate(batch):
+                for k in need:
+                    writers[k].append(key, arrays[k][row, : len(tok)], np.asarray(tok), boundary=boundary)
+            tokens_done += int(mask.sum())
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f}")
+    finally:
+        bar.close()

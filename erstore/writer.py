@@ -1,0 +1,304 @@
+"""Writing a store: append sequences as one build, then commit them as one new version.
+
+Commit protocol (the same on local disk and object storage, no locks, no coordinator):
+
+1. A build writes its rows into fresh arrays `arrays/<build>/` that no version references yet.
+2. Every flush, once its chunks are durable, writes `journal/<build>/<n>.idx`: the sequences
+   whose rows are now safe. A killed build leaves these behind; the next build of the same
+   store adopts them, so it recomputes only what was never made durable.
+3. At the end the build writes `index/<build>.idx` and then `versions/<N+1>.json` with a
+   write-if-absent. That single conditional write is the commit: readers only ever follow
+   version manifests, so they never see a half-written build. If another writer took N+1
+   first, we re-read its version and try N+2 (our data is untouched by theirs).
+
+Duplicated keys across racing builds are harmless: the index keeps the first occurrence.
+Not here: deleting unreferenced arrays (space reclamation) and copying between stores.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from erstore.codecs import codec_from_dict
+from erstore.errors import CommitConflictError, IncompatibleStoreError, StoreNotFoundError
+from erstore.index import KeyIndex
+from erstore.keys import split_key
+from erstore.location import Location
+from erstore.manifest import (
+    RECORD_DTYPE,
+    STORE_FILE,
+    Counts,
+    Recipe,
+    StoreMeta,
+    VersionManifest,
+    decode_index,
+    encode_index,
+    version_key,
+)
+from erstore.store import list_versions, load_index, open_arrays, read_manifest
+
+FLUSH_BYTES = 16 * 1024 * 1024
+COMMIT_ATTEMPTS = 50
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_build_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("erstore", "tensorstore", "numpy", "torch", "transformers", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def checksum(states: np.ndarray, token_ids: np.ndarray) -> int:
+    """xxh3-64 of a sequence's stored bytes, recorded at write time and checked by verify."""
+    h = xxhash.xxh3_64()
+    h.update(memoryview(np.ascontiguousarray(states).view(np.uint8)))
+    h.update(memoryview(np.ascontiguousarray(token_ids, dtype="<i4").view(np.uint8)))
+    return h.intdigest()
+
+
+def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
+    """Create the store if absent; otherwise check that `recipe` matches the stored one."""
+    location.check_writable()
+    raw = location.read(STORE_FILE)
+    if raw is None:
+        if location.is_local and any(os.scandir(location.spec["path"])):
+            raise StoreNotFoundError(
+                f"{location.spec['path']} exists, is not empty and is not an erstore store "
+                f"(no {STORE_FILE}); choose an empty or new --store path"
+            )
+        meta = StoreMeta(recipe, utc_now(), library_versions())
+        if location.write_if_absent(STORE_FILE, meta.to_json()):
+            return meta
+        raw = location.read(STORE_FILE)  # another writer created it first
+    meta = StoreMeta.from_json(raw or b"", f"{location.url}/{STORE_FILE}")
+    diffs = meta.recipe.differences(recipe)
+    if diffs:
+        raise IncompatibleStoreError(
+            f"{location.url} holds a store built with another recipe ({'; '.join(diffs)}). "
+            "Build into a different --store, or use the store's settings"
+        )
+    return meta
+
+
+class StoreWriter:
+    """One build of a store. Use as a context manager; call `commit()` to publish it.
+
+    Example:
+        with StoreWriter("./stores/x", recipe) as w:
+            if not w.contains(key):
+                w.append(key, states, token_ids)
+            w.commit(build={"corpus": "docs.jsonl"})
+    """
+
+    def __init__(self, url: str | os.PathLike[str], recipe: Recipe, *,
+                 flush_bytes: int = FLUSH_BYTES, **location_options: Any):
+        self.location = Location.open(url, **location_options)
+        self.meta = ensure_store(self.location, recipe)
+        self.recipe = self.meta.recipe
+        self.codec = codec_from_dict(self.recipe.codec)
+        self.build_id = new_build_id()
+        versions = list_versions(self.location)
+        self._base = read_manifest(self.location, versions[-1]) if versions else None
+        self.committed = load_index(self.location, self._base)
+        self._adopted = self._adopt_journals()
+        self._known = KeyIndex.merge([(self.committed.records, self.committed.arrays), *self._adopted])
+
+        d = self.recipe.hidden_size
+        self._chunk_rows = self.codec.rows_per_chunk(d)
+        self._unit = self._chunk_rows * 4  # tokens chunks are 4x taller; flush whole chunks only
+        row_bytes = d * self.codec.itemsize
+        self._flush_rows = max(self._unit, (flush_bytes // row_bytes) // self._unit * self._unit)
+        self._arrays: tuple[Any, Any] | None = None
+        self._states: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        self._buffered_rows = 0
+        self._written_rows = 0  # rows handed to TensorStore
+        self._records: list[tuple] = []
+        self._journaled = 0  # records covered by journal files
+        self._pending: list[Any] = []  # write futures of the last flush
+        self._journal_seq = 0
+        self._new_keys: set[str] = set()
+        self._docs: dict[str, list[str]] = {}
+        self.closed = False
+
+    # -- what is already there ---------------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        """True if `key` is committed, adopted from an interrupted build, or appended here."""
+        return key in self._new_keys or bool(self._known.find([key])[0] >= 0)
+
+    def missing(self, keys: list[str]) -> list[bool]:
+        """Vectorised `not contains` for many keys."""
+        found = self._known.find(keys) >= 0
+        return [not f and k not in self._new_keys for k, f in zip(keys, found)]
+
+    @property
+    def adopted_sequences(self) -> int:
+        return sum(len(r) for r, _ in self._adopted)
+
+    def _adopt_journals(self) -> list[tuple[np.ndarray, list[str]]]:
+        names = [k for k in self.location.list("journal/") if k.endswith(".idx")]
+        parts = []
+        for name, raw in zip(names, self.location.read_many(names)):
+            if raw is not None:
+                parts.append(decode_index(raw, f"{self.location.url}/{name}"))
+        return parts
+
+    # -- appending ---------------------------------------------------------------------------
+    def append(self, key: str, states: np.ndarray, token_ids: np.ndarray, *, boundary: int = 0) -> None:
+        """Buffer one sequence (states [n, d] float, token ids [n]); flushed in whole chunks."""
+        if states.ndim != 2 or states.shape[1] != self.recipe.hidden_size or len(states) != len(token_ids):
+            raise ValueError(
+                f"expected states [n, {self.recipe.hidden_size}] and n token ids, got "
+                f"{states.shape} and {len(token_ids)}"
+            )
+        encoded = self.codec.encode(states)
+        ids = np.asarray(token_ids, dtype="<i4")
+        hi, lo = split_key(key)
+        row = self._written_rows + self._buffered_rows
+        self._records.append((hi, lo, row, checksum(encoded, ids), 0, len(ids), boundary))
+        self._states.append(encoded)
+        self._tokens.append(ids)
+        self._buffered_rows += len(ids)
+        self._new_keys.add(key)
+        if self._buffered_rows >= self._flush_rows:
+            self._flush(final=False)
+
+    def add_document(self, doc_id: str, keys: list[str]) -> None:
+        """Record that corpus document `doc_id` is stored as the windows `keys`."""
+        self._docs[str(doc_id)] = keys
+
+    def _flush(self, *, final: bool) -> None:
+        self._wait_and_journal()
+        if not self._buffered_rows:
+            return
+        states = np.concatenate(self._states)
+        tokens = np.concatenate(self._tokens)
+        n = len(tokens) if final else len(tokens) // self._unit * self._unit
+        if self._arrays is None:
+            self._arrays = open_arrays(self.location, self.build_id, create_with=self._array_metadata())
+        start, stop = self._written_rows, self._written_rows + n
+        self._pending = [self._arrays[0][start:stop].write(states[:n]),
+                         self._arrays[1][start:stop].write(tokens[:n])]
+        self._states, self._tokens = [states[n:]], [tokens[n:]]
+        self._buffered_rows -= n
+        self._written_rows = stop
+        if final:
+            self._wait_and_journal()
+
+    def _wait_and_journal(self) -> None:
+        """Wait for the last flush to be durable, then journal the sequences it completed."""
+        if not self._pending:
+            return
+        for future in self._pending:
+            future.result()
+        self._pending = []
+        done = self._journaled
+        while done < len(self._records) and self._records[done][2] + self._records[done][5] <= self._written_rows:
+            done += 1
+        if done > self._journaled:
+            records = np.array(self._records[self._journaled : done], dtype=RECORD_DTYPE)
+            name = f"journal/{self.build_id}/{self._journal_seq:06d}.idx"
+            self.location.write(name, encode_index(records, [self.build_id]))
+            self._journal_seq += 1
+            self._journaled = done
+
+    def _array_metadata(self) -> dict[str, Any]:
+        states = self.codec.zarr_metadata(self.recipe.hidden_size)
+        tokens = {
+            **states,
+            "shape": [states["shape"][0]],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [self._unit]}},
+            "data_type": "int32",
+        }
+        return {"states": states, "tokens": tokens}
+
+    # -- committing --------------------------------------------------------------------------
+    def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
+        """Publish everything appended (and adopted) as one new version; None if nothing is new."""
+        self._flush(final=True)
+        own = np.array(self._records, dtype=RECORD_DTYPE)
+        parts = [(own, [self.build_id]), *self._adopted]
+        merged = KeyIndex.merge(parts)
+        fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]
+        if not len(fresh):
+            self._cleanup_journals()
+            self.closed = True
+            return None
+        self.location.write(f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays))
+        self.location.write(f"index/{self.build_id}.docs.json", json.dumps(self._docs, sort_keys=True).encode())
+        added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
+        info = {"libraries": library_versions(), **(build or {})}
+        manifest = self._publish(fresh, added_bytes, info)
+        self._cleanup_journals()
+        self.closed = True
+        return manifest
+
+    def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any]) -> VersionManifest:
+        base, index = self._base, self.committed
+        for _ in range(COMMIT_ATTEMPTS):
+            new = fresh[index.find_halves(fresh["hi"], fresh["lo"]) < 0] if base is not self._base else fresh
+            added = Counts(len(new), int(new["length"].sum(dtype=np.uint64)), added_bytes)
+            totals = base.totals if base else Counts()
+            manifest = VersionManifest(
+                version=(base.version if base else 0) + 1,
+                created=utc_now(),
+                indexes=(*(base.indexes if base else ()), self.build_id),
+                added=added,
+                totals=Counts(totals.sequences + added.sequences, totals.tokens + added.tokens,
+                              totals.bytes + added.bytes),
+                build=info,
+                parent=base.version if base else None,
+            )
+            if self.location.write_if_absent(version_key(manifest.version), manifest.to_json()):
+                self.location.write("latest.json", json.dumps({"version": manifest.version}).encode())
+                return manifest
+            # Lost the race: rebase onto the version that won and try the next number.
+            latest = list_versions(self.location)[-1]
+            base = read_manifest(self.location, latest)
+            index = load_index(self.location, base)
+        raise CommitConflictError(
+            f"could not commit to {self.location.url} after {COMMIT_ATTEMPTS} attempts; "
+            "other writers keep committing. Retry the build: it will skip what they stored"
+        )
+
+    def _cleanup_journals(self) -> None:
+        """Journals are only a resume aid; once committed (or superseded) they can go."""
+        builds = {self.build_id, *(a for _, arrays in self._adopted for a in arrays)}
+        for b in builds:
+            self.location.delete_prefix(f"journal/{b}/")
+
+    def close(self) -> None:
+        """Stop without committing: durable rows stay journaled for the next build to adopt."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._wait_and_journal()
+            finally:
+                self._pending = []
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
