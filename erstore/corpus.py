@@ -22,7 +22,7 @@ from pathlib import Path
 from erstore.errors import InvalidInputError
 
 DEFAULT_CORPUS = "stdlib-docstrings"
-DEFAULT_CORPUS_SIZE = 3000
+DEFAULT_CORPUS_SIZE = 5000
 
 
 @dataclass(frozen=True)
