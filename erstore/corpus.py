@@ -22,7 +22,7 @@ from pathlib import Path
 from erstore.errors import InvalidInputError
 
 DEFAULT_CORPUS = "stdlib-docstrings"
-DEFAULT_CORPUS_SIZE = 5000
+DEFAULT_CORPUS_SIZE = 4000
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,10 @@ _WORD = re.compile(r"[A-Za-z]{2,}")
 def _prose(paragraph: str) -> str | None:
     """Normalise a docstring paragraph; None unless it reads like English prose."""
     text = " ".join(paragraph.split())
-    if len(text) < 120 or not text[0].isupper() or any(m in text for m in (">>>", "::", "#", "{")):
+    if len(text) < 80 or not text[0].isupper() or any(m in text for m in (">>>", "::", "#", "{")):
         return None
     words = _WORD.findall(text)
-    if len(words) < 20 or sum(len(w) for w in words) < 0.7 * len(text.replace(" ", "")):
+    if len(words) < 12 or sum(len(w) for w in words) < 0.7 * len(text.replace(" ", "")):
         return None
     return text
 
