@@ -76,12 +76,17 @@ def checksum(states: np.ndarray, token_ids: np.ndarray) -> int:
     return h.intdigest()
 
 
+def _non_empty(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return any(entries)
+
+
 def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
     """Create the store if absent; otherwise check that `recipe` matches the stored one."""
     location.check_writable()
     raw = location.read(STORE_FILE)
     if raw is None:
-        if location.is_local and any(os.scandir(location.spec["path"])):
+        if location.is_local and _non_empty(location.spec["path"]):
             raise StoreNotFoundError(
                 f"{location.spec['path']} exists, is not empty and is not an erstore store "
                 f"(no {STORE_FILE}); choose an empty or new --store path"

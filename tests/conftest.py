@@ -39,10 +39,29 @@ def save_tiny_model(folder: Path, family: str = "bert", *, seed: int = 0, **over
                                             intermediate_size=64, max_position_embeddings=514,
                                             pad_token_id=0, **common),
         "distilbert": lambda: tf.DistilBertConfig(dim=32, n_layers=4, n_heads=4, hidden_dim=64, **common),
+        "deberta-v2": lambda: tf.DebertaV2Config(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=512, relative_attention=True, position_buckets=32,
+            pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+            type_vocab_size=0, pad_token_id=0, **common),
+        "deberta-v2-conv": lambda: tf.DebertaV2Config(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=512, relative_attention=True, position_buckets=32,
+            pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+            conv_kernel_size=3, conv_act="gelu", type_vocab_size=0, pad_token_id=0, **common),
+        "mpnet": lambda: tf.MPNetConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=514,
+                                        pad_token_id=0, **common),
+        "t5": lambda: tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=2,
+                                  num_heads=4, relative_attention_num_buckets=8,
+                                  relative_attention_max_distance=16, pad_token_id=0,
+                                  decoder_start_token_id=0, **common),
     }
     torch.manual_seed(seed)
     config = configs[family]()
-    model = tf.AutoModel.from_config(config)
+    # T5 is saved with its LM head so the same folder serves encoder-only and seq2seq consumers.
+    model_class = {"t5": tf.T5ForConditionalGeneration}.get(family, tf.AutoModel)
+    model = model_class.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
