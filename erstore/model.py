@@ -120,7 +120,7 @@ class LayerExtractor:
 
             return hook
 
-        handles = [self.layers[k - 1].register_forward_hook(capture(k - 1)) for k in layers]
+        handles = [self._output_module(k).register_forward_hook(capture(k - 1)) for k in layers]
         try:
             with torch.inference_mode():
                 self.model(**inputs)
@@ -130,6 +130,17 @@ class LayerExtractor:
             for handle in handles:
                 handle.remove()
         return {k: out[k] for k in layers}
+
+    def _output_module(self, k: int) -> Any:
+        """The module whose output is hidden_states[k] (k >= 1): normally layer k-1.
+
+        DeBERTa-v2 with conv_kernel_size > 0 adds a convolution of the embedding output to
+        layer 0's output, and hidden_states[1] is taken after it.
+        """
+        conv = getattr(getattr(self.model, "encoder", None), "conv", None)
+        if k == 1 and self.config.model_type == "deberta-v2" and conv is not None:
+            return conv
+        return self.layers[k - 1]
 
     def accepts_token_types(self) -> bool:
         return getattr(self.config, "type_vocab_size", 0) > 1

@@ -203,19 +203,41 @@ class Store:
         return self.read_positions(positions, keys=list(keys))
 
     def read_positions(self, positions: np.ndarray, *, keys: list[str] | None = None) -> list[Entry]:
-        """Read sequences by their position in commit order (0..len-1)."""
+        """Read sequences by their position in commit order (0..len-1), in the order asked.
+
+        Sequences that lie close together in one array (gaps under a quarter chunk) are fetched
+        by one TensorStore read, and all reads go out as one `ts.Batch`: the ~0.1 ms per-call
+        overhead otherwise dominates short sequences. Entries of one span are views of it.
+        """
         recs = self.index.records[np.asarray(positions, dtype=np.int64)]
-        futures = []
-        for rec in recs:
-            states, tokens = self._array(int(rec["array"]))
-            start, stop = int(rec["row"]), int(rec["row"]) + int(rec["length"])
-            futures.append((states[start:stop].read(), tokens[start:stop].read()))
         if keys is None:
             keys = [join_key(h, l) for h, l in zip(recs["hi"].tolist(), recs["lo"].tolist())]
-        return [
-            Entry(k, s.result(), t.result(), int(r["boundary"]))
-            for k, (s, t), r in zip(keys, futures, recs)
-        ]
+        slots = recs["array"].tolist()
+        starts = recs["row"].astype(np.int64)
+        stops = (starts + recs["length"].astype(np.int64)).tolist()
+        starts = starts.tolist()
+        gap = max(1, self.codec.rows_per_chunk(self.recipe.hidden_size) // 4)
+        spans: list[list] = []  # [slot, start, stop, member indices]
+        for i in sorted(range(len(recs)), key=lambda j: (slots[j], starts[j])):
+            last = spans[-1] if spans else None
+            if last is not None and last[0] == slots[i] and starts[i] <= last[2] + gap:
+                last[2] = max(last[2], stops[i])
+                last[3].append(i)
+            else:
+                spans.append([slots[i], starts[i], stops[i], [i]])
+        with ts.Batch() as batch:
+            futures = []
+            for slot, start, stop, _ in spans:
+                states, tokens = self._array(slot)
+                futures.append((states[start:stop].read(batch=batch), tokens[start:stop].read(batch=batch)))
+        out: list[Entry] = [None] * len(recs)  # type: ignore[list-item]
+        boundaries = recs["boundary"].tolist()
+        for (_, start, _, members), (fs, ft) in zip(spans, futures):
+            s_rows, t_rows = fs.result(), ft.result()
+            for i in members:
+                a, b = starts[i] - start, stops[i] - start
+                out[i] = Entry(keys[i], s_rows[a:b], t_rows[a:b], boundaries[i])
+        return out
 
     def _array(self, slot: int) -> tuple[ts.TensorStore, ts.TensorStore]:
         handles = self._arrays.get(slot)

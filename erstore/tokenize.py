@@ -100,10 +100,10 @@ class Windower:
     def windows(self, text: str, pair: str | None = None) -> list[tuple[list[int], int]]:
         return self.windows_batch([text], None if pair is None else [pair])[0]
 
-    def windows_batch(self, texts: list[str], pairs: list[str] | None = None) -> list[list[tuple[list[int], int]]]:
-        """For each text (or pair), its windows as (token ids, boundary); boundary 0 for single texts."""
+    def _encode(self, texts: list[str], pairs: list[str] | None, **extra: Any) -> Any:
+        """The one tokenizer call that defines windows; `extra` may only add outputs (offsets)."""
         try:
-            enc = self.tokenizer(
+            return self.tokenizer(
                 texts,
                 pairs,
                 max_length=self.max_length,
@@ -112,12 +112,17 @@ class Windower:
                 return_overflowing_tokens=True,
                 return_attention_mask=False,
                 return_token_type_ids=False,
+                **extra,
             )
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise InvalidInputError(
                 f"cannot tokenize with max_length={self.max_length}, stride={self.stride}: {e}. "
                 "For text pairs the first text must fit in max_length with room for the second"
             ) from e
+
+    def windows_batch(self, texts: list[str], pairs: list[str] | None = None) -> list[list[tuple[list[int], int]]]:
+        """For each text (or pair), its windows as (token ids, boundary); boundary 0 for single texts."""
+        enc = self._encode(texts, pairs)
         out: list[list[tuple[list[int], int]]] = [[] for _ in texts]
         for i, doc in enumerate(enc["overflow_to_sample_mapping"]):
             boundary = 0
@@ -126,3 +131,26 @@ class Windower:
                 boundary = next((p for p, s in enumerate(seq_ids) if s == 1), len(seq_ids))
             out[doc].append((enc["input_ids"][i], boundary))
         return out
+
+    def detailed_windows(self, texts: list[str], pairs: list[str] | None = None) -> list[list[Window]]:
+        """Like `windows_batch`, plus each token's character offsets and segment (for label alignment)."""
+        enc = self._encode(texts, pairs, return_offsets_mapping=True)
+        out: list[list[Window]] = [[] for _ in texts]
+        for i, doc in enumerate(enc["overflow_to_sample_mapping"]):
+            seq_ids = enc.encodings[i].sequence_ids
+            boundary = 0
+            if pairs is not None:
+                boundary = next((p for p, s in enumerate(seq_ids) if s == 1), len(seq_ids))
+            out[doc].append(Window(enc["input_ids"][i], boundary, enc["offset_mapping"][i], seq_ids))
+        return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of a text: token ids, pair boundary, and per token its (start, end) character
+    offsets into its own segment and its segment (0 first text, 1 pair, None special token)."""
+
+    ids: list[int]
+    boundary: int
+    offsets: list[tuple[int, int]]
+    sequence_ids: list[int | None]
