@@ -60,8 +60,8 @@ def save_tiny_model(folder: Path, family: str = "bert", *, seed: int = 0, **over
     torch.manual_seed(seed)
     config = configs[family]()
     # T5 is saved with its LM head so the same folder serves encoder-only and seq2seq consumers.
-    model_class = {"t5": tf.T5ForConditionalGeneration}.get(family, tf.AutoModel)
-    model = model_class.from_config(config)
+    make = {"t5": tf.T5ForConditionalGeneration}.get(family, tf.AutoModel.from_config)
+    model = make(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
