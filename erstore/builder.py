@@ -64,6 +64,7 @@ class BuildResult:
     computed: int
     resumed: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         v = self.version
@@ -91,9 +92,10 @@ def store_paths(config: BuildConfig, layers: list[int]) -> dict[int, str]:
 
 def build(config: BuildConfig) -> list[BuildResult]:
     """Build (or extend) one store per requested layer; return what each store got."""
-    started = time.perf_counter()
+    clock = _Clock()
     docs = read_corpus(config.corpus, text_field=config.text_field, pair_field=config.pair_field,
                        id_field=config.id_field, limit=config.limit)
+    clock.lap("corpus")
     tokenizer = load_tokenizer(config.model)
     max_length = config.max_length or min(512, int(tokenizer.model_max_length))
     windower = Windower(tokenizer, max_length, max_length // 4 if config.stride is None else config.stride)
@@ -102,6 +104,7 @@ def build(config: BuildConfig) -> list[BuildResult]:
     for k in layers:
         extractor.check_layer(k)
     codec = LosslessCodec(config.dtype)
+    clock.lap("load")
     writers: dict[int, StoreWriter] = {}
     try:
         for k, path in store_paths(config, layers).items():
@@ -114,24 +117,41 @@ def build(config: BuildConfig) -> list[BuildResult]:
                 config=extractor.config.to_diff_dict(),
             )
             writers[k] = StoreWriter(path, recipe, **config.store_options)
-
         windows = _tokenize(docs, windower, writers)
         todo = _missing(windows, writers)
+        clock.lap("tokenize")
         _compute(todo, extractor, writers, config)
-        results = []
+        clock.lap("compute")
+        tokens = sum(len(w[1]) for w in todo)
         info = {"corpus": str(config.corpus), "documents": len(docs), "windows": len(windows),
-                "computed": len(todo), "device": config.device,
-                "seconds": round(time.perf_counter() - started, 3)}
-        info["tokens_per_second"] = round(sum(len(w[1]) for w in todo) / max(info["seconds"], 1e-9), 1)
-        for k, writer in writers.items():
-            resumed = writer.adopted_sequences
-            manifest = writer.commit(build=info)
-            results.append(BuildResult(str(writer.location.url), k, manifest, len(docs), len(windows),
-                                       len(todo), resumed, time.perf_counter() - started))
-        return results
+                "computed": len(todo), "computed_tokens": tokens, "device": config.device,
+                "seconds": clock.laps,
+                "tokens_per_second": round(tokens / max(clock.laps["compute"], 1e-9), 1)}
+        committed = {k: (w.adopted_sequences, w.commit(build=info)) for k, w in writers.items()}
+        clock.lap("commit")
+        return [BuildResult(str(writers[k].location.url), k, manifest, len(docs), len(windows), len(todo),
+                            resumed, clock.total, dict(clock.laps))
+                for k, (resumed, manifest) in committed.items()]
     finally:
         for writer in writers.values():
             writer.close()
+
+
+class _Clock:
+    """Wall time of each build phase, recorded in the version manifest (throughput for costing)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _tokenize(docs: list, windower: Windower, writers: dict[int, StoreWriter]) -> list[tuple[str, list[int], int]]:
@@ -204,7 +224,7 @@ def _compute(todo: list, extractor: LayerExtractor, writers: dict[int, StoreWrit
                         types[row, boundary:] = 1
             hidden = extractor(ids.to(device), mask.to(device),
                                None if types is None else types.to(device), layers)
-            arrays = {k: to_numpy(h) for k, h in hidden.items()}
+            arrays = {k: to_numpy(h, config.dtype) for k, h in hidden.items()}
             for row, (key, tok, boundary, need) in enumerate(batch):
                 for k in need:
                     writers[k].append(key, arrays[k][row], np.asarray(tok), boundary=boundary)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from erstore.codecs import storage_dtype
 from erstore.errors import InvalidInputError
 from erstore.tokenize import resolve_model
 
@@ -146,5 +147,11 @@ class LayerExtractor:
         return getattr(self.config, "type_vocab_size", 0) > 1
 
 
-def to_numpy(tensor: Any) -> np.ndarray:
-    return tensor.detach().float().cpu().numpy()
+def to_numpy(tensor: Any, dtype: str = "float32") -> np.ndarray:
+    """Cast on the torch side (fast, vectorised) and hand over as numpy without another copy."""
+    import torch
+
+    t = tensor.detach().to(getattr(torch, dtype)).cpu()
+    if dtype == "bfloat16":  # numpy has no bfloat16; reinterpret the bits as ml_dtypes.bfloat16
+        return t.view(torch.int16).numpy().view(storage_dtype("bfloat16"))
+    return t.numpy()

@@ -249,6 +249,19 @@ class Store:
                     self._arrays[slot] = handles
         return handles
 
+    # -- torch (erstore.torchdata is imported only here) -------------------------------------
+    def dataset(self, keys: Sequence[str] | None = None, *, labels: Any = None, **options: Any) -> Any:
+        """A map-style torch `StoreDataset` over this version (all keys, `keys`, or labelled keys)."""
+        from erstore.torchdata import StoreDataset
+
+        return StoreDataset(self, keys=keys, labels=labels, **options)
+
+    def loader(self, keys: Sequence[str] | None = None, *, labels: Any = None, **options: Any) -> Any:
+        """A prefetching `erstore.torchdata.Loader` over `self.dataset(keys, labels=labels)`."""
+        from erstore.torchdata import Loader
+
+        return Loader(self.dataset(keys, labels=labels), **options)
+
     # -- metadata ---------------------------------------------------------------------------
     def versions(self) -> list[VersionManifest]:
         return [read_manifest(self.location, v) for v in list_versions(self.location)]

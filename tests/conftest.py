@@ -97,3 +97,64 @@ def corpus(tmp_path) -> Path:
     rows = [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)]
     rows.append({"id": "long", "text": " ".join(SENTENCES * 6)})  # longer than max_length 64
     return write_jsonl(tmp_path / "corpus.jsonl", rows)
+
+
+# -- stores for reading tests (erstore.torchdata, erstore.labels) --------------------------------
+NER_ROWS = [
+    {"id": "n0", "tokens": ["Embedding", "recycling", "saves", "GPU", "hours", "in", "Zurich", "."],
+     "ner_tags": [0, 0, 0, 3, 0, 0, 5, 0]},
+    {"id": "n1", "tokens": ["Anthropic's", "tokenizers", "split", "unbelievably", "long", "words", "!"],
+     "ner_tags": [3, 0, 0, 0, 0, 0, 0]},
+    # Longer than max_length 64: stored as several overlapping windows.
+    {"id": "n2", "tokens": (["Marie", "Curie", "worked", "in", "Paris", "and", "Warsaw", "on",
+                            "radioactivity", "."] * 9),
+     "ner_tags": [1, 2, 0, 0, 5, 0, 5, 0, 0, 0] * 9},
+]
+
+
+@pytest.fixture(scope="session")
+def read_store(tiny_bert, tmp_path_factory) -> Path:
+    """A float32 store of the shared sentences, NER texts and a long document (ids as doc ids)."""
+    import erstore
+
+    root = tmp_path_factory.mktemp("read-store")
+    rows = [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)]
+    rows.append({"id": "long", "text": " ".join(SENTENCES * 6)})
+    rows += [{"id": r["id"], "text": " ".join(r["tokens"])} for r in NER_ROWS]
+    rows += [{"id": f"x{i}", "text": f"Extra sentence number {i} about {w} things."}
+             for i, w in enumerate(("red green blue cyan magenta yellow black white " * 6).split())]
+    corpus = write_jsonl(root / "corpus.jsonl", rows)
+    erstore.build(model=str(tiny_bert), layers=(2,), corpus=str(corpus), store=str(root / "store"),
+                  dtype="float32", progress=False, max_length=64, id_field="id")
+    return root / "store"
+
+
+QA_ROWS = [
+    {"id": "q0", "question": "Where did Marie Curie work?",
+     "context": "Marie Curie was a physicist. She worked in Paris for most of her life.",
+     "answers": {"text": ["Paris"], "answer_start": [43]}},
+    {"id": "q1", "question": "What does the store keep?",
+     "context": " ".join(["Filler sentence about nothing in particular."] * 8)
+     + " The store keeps hidden states of one layer. " + " ".join(["More filler text here."] * 4),
+     "answers": {"text": ["hidden states of one layer"], "answer_start": [0]}},
+]
+QA_ROWS[1]["answers"]["answer_start"] = [QA_ROWS[1]["context"].index("hidden states of one layer")]
+
+
+@pytest.fixture(scope="session")
+def qa_store(tiny_bert, tmp_path_factory) -> Path:
+    """A float32 store of (question, context) pairs; the second context needs several windows."""
+    import erstore
+
+    root = tmp_path_factory.mktemp("qa-store")
+    corpus = write_jsonl(root / "qa.jsonl", [{k: r[k] for k in ("id", "question", "context")} for r in QA_ROWS])
+    erstore.build(model=str(tiny_bert), layers=(2,), corpus=str(corpus), store=str(root / "store"),
+                  dtype="float32", progress=False, max_length=64, id_field="id", text_field="question",
+                  pair_field="context")
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def label_rows() -> dict:
+    """The rows the read/QA stores were built from: NER rows, QA rows and the shared sentences."""
+    return {"ner": NER_ROWS, "qa": QA_ROWS, "sentences": SENTENCES}

@@ -1,0 +1,35 @@
+"""Consumers of an erstore store: reduced models that run only layers k..N-1 on stored states.
+
+    import erstore, consumers
+    store = erstore.open("stores/minilm-l3")
+    model = consumers.ReducedModel.for_store(store, task="sequence", num_labels=2)
+    consumers.add_adapters(model, bottleneck=64)        # optional: Houlsby adapters, tail frozen
+    consumers.train(model, store, keys, labels, epochs=3)
+    model.predict(["new text"], store=store)
+
+Modules: `tail` (load_tail, the Tail base), one module per model family (registered in
+`registry`), `heads`, `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
+load, predict), `train`, `t5` (also the seq2seq reduced model). `erstore` never imports this package.
+"""
+
+from __future__ import annotations
+
+from consumers.adapters import BottleneckAdapter, add_adapters, add_lora, trainable_state_dict
+from consumers.heads import (
+    MLPHead,
+    QuestionAnsweringHead,
+    SequenceClassificationHead,
+    TokenClassificationHead,
+    load_transformers_head,
+    make_head,
+)
+from consumers.reduced import ReducedModel
+from consumers.registry import FAMILIES, tail_class
+from consumers.tail import Tail, load_tail
+from consumers.train import train
+
+__all__ = [
+    "FAMILIES", "BottleneckAdapter", "MLPHead", "QuestionAnsweringHead", "ReducedModel",
+    "SequenceClassificationHead", "Tail", "TokenClassificationHead", "add_adapters", "add_lora",
+    "load_tail", "load_transformers_head", "make_head", "tail_class", "train", "trainable_state_dict",
+]

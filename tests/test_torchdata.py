@@ -1,0 +1,211 @@
+"""erstore.torchdata and erstore.shuffle on real (tiny-model) stores: contents, order, threads, workers."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import traceback
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import erstore
+from erstore.errors import ErstoreError
+from erstore.shuffle import BatchPlan
+from erstore.torchdata import Collate, Loader, StoreDataset
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "erstore-prefetch"]
+
+
+def check_batch(store: erstore.Store, batch: dict) -> None:
+    """Every row equals store.get; padding is zero, masked out, and padded ids are 0."""
+    b, width, _ = batch["hidden_states"].shape
+    assert batch["attention_mask"].shape == batch["input_ids"].shape == (b, width)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert max(lengths) == width
+    for i, key in enumerate(batch["keys"]):
+        states, ids = store.get(key, with_token_ids=True)
+        n = lengths[i]
+        assert n == len(ids)
+        assert torch.equal(batch["attention_mask"][i, :n], torch.ones(n, dtype=torch.long))
+        np.testing.assert_array_equal(batch["hidden_states"][i, :n].numpy(), states)
+        np.testing.assert_array_equal(batch["input_ids"][i, :n].numpy(), ids)
+        assert not batch["hidden_states"][i, n:].any() and not batch["input_ids"][i, n:].any()
+
+
+def keys_of(loader) -> list[str]:
+    return [k for batch in loader for k in batch["keys"]]
+
+
+def test_items_equal_store_get(read_store):
+    store = erstore.open(read_store)
+    ds = store.dataset()
+    assert len(ds) == len(store)
+    for i, key in enumerate(store):
+        item = ds[i]
+        states, ids = store.get(key, with_token_ids=True)
+        assert item["key"] == key and item["hidden_states"].dtype == torch.float32
+        np.testing.assert_array_equal(item["hidden_states"].numpy(), states)
+        np.testing.assert_array_equal(item["input_ids"].numpy(), ids)
+    subset = list(store)[3:7][::-1]
+    assert [it["key"] for it in store.dataset(subset).__getitems__([0, 1, 2, 3])] == subset
+    with pytest.raises(KeyError):
+        store.dataset(["0" * 32])
+
+
+def test_collate_pads_to_longest(read_store):
+    store = erstore.open(read_store)
+    ds = store.dataset(labels={k: i for i, k in enumerate(store)})
+    batch = Collate()(ds.__getitems__([0, 1, len(ds) - 1]))
+    check_batch(store, batch)
+    assert batch["labels"].tolist() == [0, 1, len(ds) - 1]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_loader_delivers_every_sequence_once(read_store, shuffle, reuse):
+    store = erstore.open(read_store)
+    with store.loader(batch_size=5, shuffle=shuffle, seed=7, reuse_buffers=reuse, prefetch=2) as loader:
+        seen = []
+        for batch in loader:
+            check_batch(store, batch)  # checked before the next batch may reuse the buffers
+            seen += batch["keys"]
+    assert sorted(seen) == sorted(store)
+    assert (seen == list(store)) is (not shuffle)
+
+
+def test_shuffle_is_seeded_resumable_and_changes_per_epoch(read_store):
+    store = erstore.open(read_store)
+    a = store.loader(batch_size=4, shuffle=True, seed=11)
+    first, second = keys_of(a), keys_of(a)  # epochs 0 and 1
+    assert first == keys_of(store.loader(batch_size=4, shuffle=True, seed=11))
+    assert first != second and sorted(first) == sorted(second)
+    assert first != keys_of(store.loader(batch_size=4, shuffle=True, seed=12))
+
+    interrupted = store.loader(batch_size=4, shuffle=True, seed=11)
+    head = []
+    for step, batch in enumerate(interrupted):
+        head += batch["keys"]
+        if step == 2:
+            break
+    state = interrupted.state_dict()
+    interrupted.close()
+    assert state == {"epoch": 0, "step": 3, "seed": 11}
+    resumed = store.loader(batch_size=4, shuffle=True, seed=11)
+    resumed.load_state_dict(state)
+    assert head + keys_of(resumed) == first
+    assert keys_of(resumed) == second  # then it carries on with the next epoch
+
+
+def test_block_shuffle_keeps_neighbours_together():
+    # 64 sequences of 100 rows, blocks of 400 rows -> 16 blocks of 4; a window of 2 blocks.
+    rows = np.arange(64) * 100
+    plan = BatchPlan(np.zeros(64), rows, np.full(64, 100), batch_size=8, shuffle=True, seed=0,
+                     block_rows=400, buffer_blocks=2)
+    batches = list(plan)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(64))
+    assert all(len({i // 4 for i in b}) == 2 for b in batches)  # each batch = exactly 2 blocks
+    assert [i for b in batches for i in b] != list(range(64))
+
+
+def test_length_bucketing_cuts_padding(read_store):
+    store = erstore.open(read_store)
+
+    def padded(bucket: bool) -> int:
+        loader = store.loader(batch_size=4, shuffle=True, seed=3, bucket_by_length=bucket, buffer_blocks=64)
+        return sum(b["attention_mask"].numel() for b in loader), sorted(keys_of(loader))
+
+    (plain, keys_a), (bucketed, keys_b) = padded(False), padded(True)
+    assert keys_a == keys_b == sorted(store)
+    assert bucketed < plain
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_distributed_shards_are_disjoint_complete_and_even(read_store, drop_last):
+    store = erstore.open(read_store)
+    world = 3
+    shards = [keys_of(store.loader(batch_size=4, shuffle=True, seed=5, rank=r, world_size=world,
+                                   drop_last=drop_last)) for r in range(world)]
+    counts = [len(store.loader(batch_size=4, rank=r, world_size=world, drop_last=drop_last)) for r in range(world)]
+    assert len(set(counts)) == 1
+    everything = [k for s in shards for k in s]
+    if drop_last:
+        assert len(set(everything)) == len(everything)  # disjoint
+        assert len(everything) == (len(store) // world) // 4 * 4 * world
+    else:
+        assert set(everything) == set(store)  # complete; repeats only to even out the shares
+        assert len(everything) == -(-len(store) // world) * world
+        assert len(everything) - len(set(everything)) == len(everything) - len(store)
+
+
+def test_early_stop_and_garbage_collection_leave_no_thread(read_store):
+    store = erstore.open(read_store)
+    loader = store.loader(batch_size=2, prefetch=1)
+    for _ in loader:
+        assert len(prefetch_threads()) == 1
+        break
+    gc.collect()
+    assert prefetch_threads() == []
+
+    it = iter(loader)
+    next(it)
+    del it
+    gc.collect()
+    assert prefetch_threads() == []
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        with store.loader(batch_size=2) as loader2:
+            for _ in loader2:
+                raise RuntimeError("consumer failed")
+    assert prefetch_threads() == []
+
+
+def test_errors_in_the_prefetch_thread_surface_with_traceback(read_store, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(read_store, broken)
+    store = erstore.open(broken)  # arrays open lazily, on the first read (in the thread)
+    for meta in broken.glob("arrays/*/states/zarr.json"):
+        meta.write_text("{not json")
+    loader = store.loader(batch_size=4)
+    with pytest.raises(ErstoreError, match="cannot open arrays") as info:
+        next(iter(loader))
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "__call__" in frames and "read_entries" in frames  # the thread's own frames
+    gc.collect()
+    assert prefetch_threads() == []
+
+
+def test_dataset_in_dataloader_with_two_forked_workers(read_store):
+    store = erstore.open(read_store)
+    ds = store.dataset()
+    ds[0]  # TensorStore has run in this process: a forked worker must not touch it again
+    plan = BatchPlan(ds._array, ds._row, ds.lengths, batch_size=3, shuffle=True, seed=1, block_rows=ds.block_rows)
+    loader = DataLoader(ds, batch_sampler=plan, num_workers=2, collate_fn=Collate())
+    assert loader.multiprocessing_context is None  # the platform default (fork on Linux)
+    seen = []
+    for batch in loader:
+        check_batch(store, batch)
+        seen += batch["keys"]
+    assert sorted(seen) == sorted(store)
+    assert seen == [store.dataset().__getitems__(b)[i]["key"] for b in plan for i in range(len(b))]
+
+
+def test_dataset_pickles_without_handles_and_reopens(read_store):
+    ds = erstore.open(read_store).dataset(labels={k: 1 for k in list(erstore.open(read_store))[:3]})
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._store is None and len(clone) == 3
+    np.testing.assert_array_equal(clone[2]["hidden_states"].numpy(), ds[2]["hidden_states"].numpy())
+    assert clone.version == ds.version
+
+
+def test_import_erstore_does_not_import_torch():
+    code = "import sys, erstore; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
