@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from erstore.codecs import LosslessCodec
+from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, read_corpus
 from erstore.errors import InvalidInputError
 from erstore.keys import window_key
@@ -40,6 +40,7 @@ class BuildConfig:
     corpus: str = DEFAULT_CORPUS
     store: str | None = None  # default: ./stores/<model>-l<k>
     dtype: str = "float16"
+    codec: str = "lossless"  # lossless | shuffle | int8[:scales=...] | int4[:group=N]; see erstore.codecs
     max_length: int | None = None  # default: min(512, tokenizer limit)
     stride: int | None = None  # default: max_length // 4
     batch_size: int = 32
@@ -103,7 +104,7 @@ def build(config: BuildConfig) -> list[BuildResult]:
     layers = sorted(set(config.layers or (extractor.num_layers // 2,)))
     for k in layers:
         extractor.check_layer(k)
-    codec = LosslessCodec(config.dtype)
+    codec = parse_codec(config.codec, dtype=config.dtype)
     clock.lap("load")
     writers: dict[int, StoreWriter] = {}
     try:
@@ -207,6 +208,8 @@ def _compute(todo: list, extractor: LayerExtractor, writers: dict[int, StoreWrit
     from tqdm.auto import tqdm
 
     layers = sorted(writers)
+    codec = next(iter(writers.values())).codec
+    cast = codec.dtype if codec.lossless else "float32"  # lossless: cast on the torch side (fast)
     use_types = extractor.accepts_token_types()
     bar = tqdm(total=len(todo), unit="seq", disable=not config.progress or None, desc="build",
                dynamic_ncols=True)
@@ -224,7 +227,7 @@ def _compute(todo: list, extractor: LayerExtractor, writers: dict[int, StoreWrit
                         types[row, boundary:] = 1
             hidden = extractor(ids.to(device), mask.to(device),
                                None if types is None else types.to(device), layers)
-            arrays = {k: to_numpy(h, config.dtype) for k, h in hidden.items()}
+            arrays = {k: to_numpy(h, cast) for k, h in hidden.items()}
             for row, (key, tok, boundary, need) in enumerate(batch):
                 for k in need:
                     writers[k].append(key, arrays[k][row], np.asarray(tok), boundary=boundary)

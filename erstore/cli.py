@@ -50,6 +50,9 @@ def main() -> None:
               "With several --layer values, a folder holding layer-K stores.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
               show_default=True)
+@click.option("--codec", default="lossless", show_default=True,
+              help="lossless | shuffle (byte-shuffled lossless) | int8[:scales=token|channel|both] | "
+              "int4[:group=64]; lossless forms store --dtype.")
 @click.option("--max-length", type=int, default=None, help="Tokens per window [default: min(512, model limit)].")
 @click.option("--stride", type=int, default=None, help="Overlap between windows [default: max-length/4].")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -70,7 +73,7 @@ def build(**opts: Any) -> None:
         raise click.BadParameter("must be at least 1", param_hint="--batch-size")
     config = BuildConfig(
         model=opts["model"] or DEFAULT_MODEL, layers=tuple(opts["layers"]),
-        corpus=opts["corpus"] or DEFAULT_CORPUS, store=opts["store"], dtype=opts["dtype"],
+        corpus=opts["corpus"] or DEFAULT_CORPUS, store=opts["store"], dtype=opts["dtype"], codec=opts["codec"],
         max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
         device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
         id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
@@ -98,7 +101,8 @@ def info(path: str, version: int | None, as_json: bool) -> None:
         f"           weights {r['model_fingerprint']}",
         f"layer      {r['layer']} (hidden_states index)",
         f"tokenizer  {r['tokenizer_fingerprint']}, max_length {r['max_length']}, stride {r['stride']}",
-        f"codec      {r['codec']['name']} {r['codec']['dtype']} zstd-{r['codec']['zstd_level']}",
+        f"codec      {r['codec']['name']} "
+        + " ".join(f"{k}={v}" for k, v in sorted(r["codec"].items()) if k != "name"),
         f"holds      {data['sequences']} sequences, {data['tokens']} tokens, {data['bytes'] / 1e6:.1f} MB",
     ])
     _print(data, as_json, text)

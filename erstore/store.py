@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from erstore.codecs import codec_from_dict
+from erstore.codecs import Codec, codec_from_dict
 from erstore.errors import (
     ErstoreError,
     KeyNotFoundError,
@@ -107,7 +107,7 @@ class Store:
         self.manifest = read_manifest(self.location, version) if version else None
         self.index = load_index(self.location, self.manifest)
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
-        self._arrays: dict[int, tuple[ts.TensorStore, ts.TensorStore]] = {}
+        self._arrays: dict[int, BuildArrays] = {}
         self._lock = threading.Lock()
         self._tokenizer: Any = None
         self._docs: dict[str, list[str]] | None = None
@@ -228,24 +228,25 @@ class Store:
         with ts.Batch() as batch:
             futures = []
             for slot, start, stop, _ in spans:
-                states, tokens = self._array(slot)
-                futures.append((states[start:stop].read(batch=batch), tokens[start:stop].read(batch=batch)))
+                futures.append(self._array(slot).read(start, stop, batch))
         out: list[Entry] = [None] * len(recs)  # type: ignore[list-item]
         boundaries = recs["boundary"].tolist()
-        for (_, start, _, members), (fs, ft) in zip(spans, futures):
-            s_rows, t_rows = fs.result(), ft.result()
+        for (slot, start, _, members), (fs, ft) in zip(spans, futures):
+            parts = {name: f.result() for name, f in fs.items()}
+            s_rows, t_rows = self.codec.decode(parts, self._array(slot).params), ft.result()
             for i in members:
                 a, b = starts[i] - start, stops[i] - start
                 out[i] = Entry(keys[i], s_rows[a:b], t_rows[a:b], boundaries[i])
         return out
 
-    def _array(self, slot: int) -> tuple[ts.TensorStore, ts.TensorStore]:
+    def _array(self, slot: int) -> BuildArrays:
         handles = self._arrays.get(slot)
         if handles is None:
             with self._lock:
                 handles = self._arrays.get(slot)
                 if handles is None:
-                    handles = open_arrays(self.location, self.index.arrays[slot], self._context)
+                    handles = open_arrays(self.location, self.index.arrays[slot],
+                                          array_names(self.codec, self.recipe.hidden_size), self._context)
                     self._arrays[slot] = handles
         return handles
 
@@ -284,22 +285,45 @@ class Store:
         }
 
 
-def open_arrays(location: Location, array_id: str, context: ts.Context | None = None,
-                *, create_with: dict[str, Any] | None = None) -> tuple[ts.TensorStore, ts.TensorStore]:
-    """Open (or create) the states and tokens arrays of one build."""
-    handles = []
-    for name in ("states", "tokens"):
-        spec: dict[str, Any] = {
-            "driver": "zarr3",
-            "kvstore": location.child_spec(f"arrays/{array_id}/{name}"),
-        }
-        if create_with is not None:
-            spec["metadata"] = create_with[name]
-            spec["create"] = True
+@dataclass(frozen=True)
+class BuildArrays:
+    """The arrays one build wrote: the codec's row-aligned parts, token ids, and codec params."""
+
+    parts: dict[str, ts.TensorStore]
+    tokens: ts.TensorStore
+    params: dict[str, Any]
+
+    def read(self, start: int, stop: int, batch: ts.Batch | None = None) -> tuple[dict[str, Any], Any]:
+        """Futures of rows [start, stop) of every part and of the token ids."""
+        parts = {n: a[start:stop].read(batch=batch) for n, a in sorted(self.parts.items())}
+        return parts, self.tokens[start:stop].read(batch=batch)
+
+
+def array_names(codec: Codec, hidden_size: int) -> list[str]:
+    return [*codec.arrays(hidden_size), "tokens"]
+
+
+def open_arrays(location: Location, array_id: str, names: list[str], context: ts.Context | None = None, *,
+                create: dict[str, dict[str, Any]] | None = None,
+                params: dict[str, Any] | None = None) -> BuildArrays:
+    """Open (or, given `create` metadata per array name, create) the arrays of one build."""
+    handles = {}
+    for name in names:
+        spec: dict[str, Any] = {"driver": "zarr3", "kvstore": location.child_spec(f"arrays/{array_id}/{name}")}
+        if create is not None:
+            spec.update(metadata=create[name], create=True)
         else:
             spec["open"] = True
         try:
-            handles.append(ts.open(spec, context=context).result() if context else ts.open(spec).result())
+            handles[name] = ts.open(spec, context=context).result() if context else ts.open(spec).result()
         except ValueError as e:
             raise ErstoreError(f"cannot open arrays/{array_id}/{name} in {location.url}: {e}") from e
-    return handles[0], handles[1]
+    params_key = f"arrays/{array_id}/codec.json"
+    if create is not None:
+        if params:
+            location.write(params_key, json.dumps(params).encode())
+    else:
+        raw = location.read(params_key)
+        params = json.loads(raw) if raw else {}
+    tokens = handles.pop("tokens")
+    return BuildArrays(handles, tokens, params or {})

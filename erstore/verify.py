@@ -45,9 +45,9 @@ def verify(store: Store) -> VerifyReport:
         futures = []
         for rec in records[positions]:
             try:
-                states, tokens = store._array(int(rec["array"]))
-                lo, hi = int(rec["row"]), int(rec["row"]) + int(rec["length"])
-                futures.append((rec, states[lo:hi].read(), tokens[lo:hi].read()))
+                start = int(rec["row"])
+                parts, tokens = store._array(int(rec["array"])).read(start, start + int(rec["length"]))
+                futures.append((rec, parts, tokens))
             except Exception as e:  # noqa: BLE001 - a broken array is reported, not raised
                 futures.append((rec, e, None))
         for rec, fs, ft in futures:
@@ -57,11 +57,11 @@ def verify(store: Store) -> VerifyReport:
                 report.corrupt.append({"key": key, "problem": f"cannot open its array: {fs}"})
                 continue
             try:
-                states, tokens = fs.result(), ft.result()
+                parts, tokens = {name: f.result() for name, f in fs.items()}, ft.result()
             except Exception as e:  # noqa: BLE001
                 report.corrupt.append({"key": key, "problem": f"unreadable chunk: {e}"})
                 continue
-            if checksum(states, tokens) != int(rec["checksum"]):
+            if checksum(parts, tokens) != int(rec["checksum"]):
                 report.corrupt.append({"key": key, "problem": "checksum mismatch: stored bytes changed"})
             elif window_key(tokens, int(rec["boundary"])) != key:
                 report.corrupt.append({"key": key, "problem": "token ids do not hash to the key"})

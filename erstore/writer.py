@@ -42,7 +42,7 @@ from erstore.manifest import (
     encode_index,
     version_key,
 )
-from erstore.store import list_versions, load_index, open_arrays, read_manifest
+from erstore.store import BuildArrays, list_versions, load_index, open_arrays, read_manifest
 
 FLUSH_BYTES = 16 * 1024 * 1024
 COMMIT_ATTEMPTS = 50
@@ -68,12 +68,21 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def checksum(states: np.ndarray, token_ids: np.ndarray) -> int:
-    """xxh3-64 of a sequence's stored bytes, recorded at write time and checked by verify."""
+def checksum(parts: dict[str, np.ndarray], token_ids: np.ndarray) -> int:
+    """xxh3-64 of a sequence's stored bytes (every codec part, by name, then token ids),
+    recorded at write time and checked by verify."""
     h = xxhash.xxh3_64()
-    h.update(memoryview(np.ascontiguousarray(states).view(np.uint8)))
+    for name in sorted(parts):
+        h.update(memoryview(np.ascontiguousarray(parts[name]).view(np.uint8)))
     h.update(memoryview(np.ascontiguousarray(token_ids, dtype="<i4").view(np.uint8)))
     return h.intdigest()
+
+
+def _array_meta_like(states_meta: dict[str, Any], chunk_rows: int) -> dict[str, Any]:
+    """zarr3 metadata of the int32 token id array, with the states' codecs and row count."""
+    return {**states_meta, "shape": [states_meta["shape"][0]], "data_type": "int32",
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows]}},
+            "codecs": [c for c in states_meta["codecs"] if c["name"] != "transpose"]}
 
 
 def _non_empty(folder: str) -> bool:
@@ -129,16 +138,20 @@ class StoreWriter:
         self._known = KeyIndex.merge([(self.committed.records, self.committed.arrays), *self._adopted])
 
         d = self.recipe.hidden_size
-        self._chunk_rows = self.codec.rows_per_chunk(d)
-        self._unit = self._chunk_rows * 4  # tokens chunks are 4x taller; flush whole chunks only
-        row_bytes = d * self.codec.itemsize
-        self._flush_rows = max(self._unit, (flush_bytes // row_bytes) // self._unit * self._unit)
-        self._arrays: tuple[Any, Any] | None = None
-        self._states: list[np.ndarray] = []
-        self._tokens: list[np.ndarray] = []
-        self._buffered_rows = 0
+        self._metadata = self.codec.arrays(d)
+        self._unit = self.codec.rows_per_chunk(d) * 4  # tokens chunks are 4x taller; flush whole chunks
+        row_bytes = max(1.0, d * float(self.codec.itemsize))
+        self._flush_rows = max(self._unit, int(flush_bytes // row_bytes) // self._unit * self._unit)
+        self._arrays: BuildArrays | None = None
+        self._params: dict[str, Any] | None = None
+        self._raw: list[np.ndarray] = []  # appended states not yet encoded
+        self._raw_tokens: list[np.ndarray] = []
+        self._raw_rows = 0
+        self._encoded: dict[str, np.ndarray] = {}  # encoded rows not yet handed to TensorStore
+        self._encoded_tokens = np.zeros(0, dtype="<i4")
         self._written_rows = 0  # rows handed to TensorStore
-        self._records: list[tuple] = []
+        self._records: list[tuple] = []  # (hi, lo, row, checksum, array, length, boundary)
+        self._encoded_records = 0  # records whose checksum is known (rows encoded)
         self._journaled = 0  # records covered by journal files
         self._pending: list[Any] = []  # write futures of the last flush
         self._journal_seq = 0
@@ -170,42 +183,63 @@ class StoreWriter:
 
     # -- appending ---------------------------------------------------------------------------
     def append(self, key: str, states: np.ndarray, token_ids: np.ndarray, *, boundary: int = 0) -> None:
-        """Buffer one sequence (states [n, d] float, token ids [n]); flushed in whole chunks."""
+        """Buffer one sequence (states [n, d], token ids [n]); flushed in whole chunks."""
         if states.ndim != 2 or states.shape[1] != self.recipe.hidden_size or len(states) != len(token_ids):
             raise ValueError(
                 f"expected states [n, {self.recipe.hidden_size}] and n token ids, got "
                 f"{states.shape} and {len(token_ids)}"
             )
-        encoded = self.codec.encode(states)
-        ids = np.asarray(token_ids, dtype="<i4")
         hi, lo = split_key(key)
-        row = self._written_rows + self._buffered_rows
-        self._records.append((hi, lo, row, checksum(encoded, ids), 0, len(ids), boundary))
-        self._states.append(encoded)
-        self._tokens.append(ids)
-        self._buffered_rows += len(ids)
+        row = self._written_rows + len(self._encoded_tokens) + self._raw_rows
+        self._records.append((hi, lo, row, 0, 0, len(token_ids), boundary))
+        self._raw.append(states)
+        self._raw_tokens.append(np.asarray(token_ids, dtype="<i4"))
+        self._raw_rows += len(token_ids)
         self._new_keys.add(key)
-        if self._buffered_rows >= self._flush_rows:
+        if self._raw_rows + len(self._encoded_tokens) >= self._flush_rows:
             self._flush(final=False)
 
     def add_document(self, doc_id: str, keys: list[str]) -> None:
         """Record that corpus document `doc_id` is stored as the windows `keys`."""
         self._docs[str(doc_id)] = keys
 
+    def _encode_buffered(self) -> None:
+        """Encode appended rows in one vectorised call and record each sequence's checksum."""
+        if not self._raw:
+            return
+        states = np.concatenate(self._raw)
+        tokens = np.concatenate(self._raw_tokens)
+        if self._params is None:  # lossy codecs fit per-build parameters on the first rows
+            self._params = self.codec.fit(np.asarray(states, dtype=np.float32))
+        parts = self.codec.encode(states, self._params)
+        base = self._written_rows + len(self._encoded_tokens)
+        for i in range(self._encoded_records, len(self._records)):
+            row, length = self._records[i][2] - base, self._records[i][5]
+            digest = checksum({n: p[row : row + length] for n, p in parts.items()}, tokens[row : row + length])
+            self._records[i] = (*self._records[i][:3], digest, *self._records[i][4:])
+        self._encoded_records = len(self._records)
+        self._encoded = {n: np.concatenate([self._encoded[n], p]) if n in self._encoded else p
+                         for n, p in parts.items()}
+        self._encoded_tokens = np.concatenate([self._encoded_tokens, tokens])
+        self._raw, self._raw_tokens, self._raw_rows = [], [], 0
+
     def _flush(self, *, final: bool) -> None:
         self._wait_and_journal()
-        if not self._buffered_rows:
+        self._encode_buffered()
+        rows = len(self._encoded_tokens)
+        n = rows if final else rows // self._unit * self._unit
+        if not n:
             return
-        states = np.concatenate(self._states)
-        tokens = np.concatenate(self._tokens)
-        n = len(tokens) if final else len(tokens) // self._unit * self._unit
         if self._arrays is None:
-            self._arrays = open_arrays(self.location, self.build_id, create_with=self._array_metadata())
+            tokens = _array_meta_like(self._metadata["states"], self._unit)
+            self._arrays = open_arrays(self.location, self.build_id, [*self._metadata, "tokens"],
+                                       create={**self._metadata, "tokens": tokens}, params=self._params)
         start, stop = self._written_rows, self._written_rows + n
-        self._pending = [self._arrays[0][start:stop].write(states[:n]),
-                         self._arrays[1][start:stop].write(tokens[:n])]
-        self._states, self._tokens = [states[n:]], [tokens[n:]]
-        self._buffered_rows -= n
+        self._pending = [self._arrays.parts[name][start:stop].write(part[:n])
+                         for name, part in self._encoded.items()]
+        self._pending.append(self._arrays.tokens[start:stop].write(self._encoded_tokens[:n]))
+        self._encoded = {name: part[n:] for name, part in self._encoded.items()}
+        self._encoded_tokens = self._encoded_tokens[n:]
         self._written_rows = stop
         if final:
             self._wait_and_journal()
@@ -218,7 +252,8 @@ class StoreWriter:
             future.result()
         self._pending = []
         done = self._journaled
-        while done < len(self._records) and self._records[done][2] + self._records[done][5] <= self._written_rows:
+        while (done < self._encoded_records
+               and self._records[done][2] + self._records[done][5] <= self._written_rows):
             done += 1
         if done > self._journaled:
             records = np.array(self._records[self._journaled : done], dtype=RECORD_DTYPE)
@@ -227,21 +262,11 @@ class StoreWriter:
             self._journal_seq += 1
             self._journaled = done
 
-    def _array_metadata(self) -> dict[str, Any]:
-        states = self.codec.zarr_metadata(self.recipe.hidden_size)
-        tokens = {
-            **states,
-            "shape": [states["shape"][0]],
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [self._unit]}},
-            "data_type": "int32",
-        }
-        return {"states": states, "tokens": tokens}
-
     # -- committing --------------------------------------------------------------------------
     def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
         """Publish everything appended (and adopted) as one new version; None if nothing is new."""
         self._flush(final=True)
-        own = np.array(self._records, dtype=RECORD_DTYPE)
+        own = np.array(self._records[: self._journaled], dtype=RECORD_DTYPE)
         parts = [(own, [self.build_id]), *self._adopted]
         merged = KeyIndex.merge(parts)
         fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]

@@ -1,0 +1,125 @@
+"""Codecs through real stores: lossless is bit-exact, lossy stays within its documented bound."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import erstore
+from erstore.codecs import Int4Codec, Int8Codec, LosslessCodec, codec_from_dict, parse_codec, storage_dtype
+from erstore.errors import IncompatibleStoreError, InvalidInputError
+from erstore.keys import key_for_ids
+from erstore.manifest import Recipe
+from erstore.writer import StoreWriter
+
+CODECS = [
+    LosslessCodec("float32"), LosslessCodec("float16", shuffle=True), LosslessCodec("bfloat16", shuffle=True),
+    LosslessCodec("float32", shuffle=True), Int8Codec("token"), Int8Codec("channel"), Int8Codec("both"),
+    Int4Codec(8), Int4Codec(16),
+]
+
+
+def recipe(codec, d):
+    return Recipe(model_fingerprint="f", layer=1, tokenizer_fingerprint="t", max_length=64, stride=0,
+                  codec=codec.to_dict(), hidden_size=d, num_layers=2)
+
+
+def activations(rng, n, d):
+    """Hidden-state-like data: mostly small values and a few large outlier channels."""
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[:, rng.integers(0, d, size=2)] *= 30
+    return x
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), codec_i=st.integers(0, len(CODECS) - 1), d=st.sampled_from([16, 48, 64]),
+       n=st.integers(1, 12))
+def test_store_round_trip_within_bound(tmp_path, seed, codec_i, d, n):
+    codec = CODECS[codec_i]
+    rng = np.random.default_rng(seed)
+    seqs = [(rng.integers(0, 30000, size=int(rng.integers(1, 30))).tolist(),) for _ in range(n)]
+    seqs = [(ids, activations(rng, len(ids), d)) for (ids,) in seqs]
+    path = tmp_path / uuid.uuid4().hex
+    with StoreWriter(path, recipe(codec, d), flush_bytes=1) as w:
+        for ids, x in seqs:
+            if not w.contains(key_for_ids(ids)):
+                w.append(key_for_ids(ids), x, np.asarray(ids))
+        w.commit()
+    with erstore.open(path) as store:
+        params = store._array(0).params
+        for ids, x in seqs:
+            got = store.get(key_for_ids(ids))
+            if codec.lossless:
+                assert got.tobytes() == x.astype(storage_dtype(codec.dtype)).tobytes()
+            elif codec.name == "int8" and codec.scales == "channel":
+                # channel scales are fitted on the first flush; only values inside that range are bounded
+                inside = np.abs(x) <= np.asarray(params["channel_scale"])
+                assert (np.abs(got - x) <= codec.error_bound(x, params) + 1e-6)[inside].all()
+            else:
+                assert got.dtype == np.float32
+                assert (np.abs(got - x) <= codec.error_bound(x, params) + 1e-6).all()
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: str(c.to_dict()))
+def test_codec_round_trip_in_memory(codec):
+    rng = np.random.default_rng(0)
+    x = activations(rng, 50, 64)
+    params = codec.fit(x)
+    got = codec.decode(codec.encode(x, params), params)
+    err = np.abs(np.asarray(got, dtype=np.float32) - x)
+    assert (err <= codec.error_bound(x, params) + 1e-6).all()
+    assert codec_from_dict(codec.to_dict()) == codec
+
+
+def test_int4_is_about_half_a_byte_per_value():
+    codec = Int4Codec(64)
+    x = activations(np.random.default_rng(1), 10, 384)
+    parts = codec.encode(x, codec.fit(x))
+    assert sum(p.nbytes for p in parts.values()) / x.size == pytest.approx(0.5 + 2 / 64)
+
+
+def test_quantizers_follow_outlier_channels_better_with_channel_scales():
+    rng = np.random.default_rng(2)
+    x = activations(rng, 200, 384)
+    err = {}
+    for codec in (Int8Codec("token"), Int8Codec("both")):
+        p = codec.fit(x)
+        err[codec.scales] = float(np.abs(codec.decode(codec.encode(x, p), p) - x).mean())
+    assert err["both"] < err["token"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("lossless", LosslessCodec("float16")),
+    ("shuffle", LosslessCodec("float16", shuffle=True)),
+    ("int8", Int8Codec("both")),
+    ("int8:scales=token", Int8Codec("token")),
+    ("int4:group=32", Int4Codec(32)),
+])
+def test_parse_codec(text, expected):
+    assert parse_codec(text) == expected
+
+
+@pytest.mark.parametrize("text", ["zip", "int4:group=3", "int8:scales=row", "int4:size=8", "int4:group"])
+def test_bad_codec_text_is_rejected(text):
+    with pytest.raises(InvalidInputError):
+        parse_codec(text)
+
+
+def test_int4_group_must_divide_hidden_size():
+    with pytest.raises(InvalidInputError, match="does not divide hidden size 30"):
+        Int4Codec(64).arrays(30)
+
+
+def test_recipe_rejects_mixing_codecs(tmp_path):
+    x = activations(np.random.default_rng(3), 4, 16)
+    with StoreWriter(tmp_path / "s", recipe(Int8Codec(), 16)) as w:
+        w.append(key_for_ids([1, 2, 3, 4]), x, np.arange(4))
+        w.commit()
+    with pytest.raises(IncompatibleStoreError, match="codec"):
+        StoreWriter(tmp_path / "s", recipe(LosslessCodec("float16"), 16))
+    with pytest.raises(IncompatibleStoreError, match="codec"):
+        StoreWriter(tmp_path / "s", recipe(Int8Codec("token"), 16))
