@@ -194,11 +194,25 @@ class Int8Codec:
         return {"name": self.name, **asdict(self)}
 
 
+def _hadamard(n: int) -> np.ndarray:
+    """Orthonormal Sylvester-Hadamard matrix of size n (a power of two); symmetric, H @ H = I."""
+    h = np.ones((1, 1), dtype=np.float32)
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(np.float32(n))
+
+
 @dataclass(frozen=True)
 class Int4Codec:
-    """Symmetric 4-bit codes in channel groups, one float16 scale per group, after channel scaling."""
+    """Symmetric 4-bit codes in channel groups, one float16 scale per group, after channel scaling.
+
+    With `rotate` (default) each group is multiplied by an orthonormal Hadamard matrix before
+    quantizing: that spreads a group's outliers over all its values, so the group's absmax (and the
+    quantization step) shrinks towards its RMS. Decoding rotates back (the matrix is its own inverse).
+    """
 
     group: int = 64
+    rotate: bool = True
     zstd_level: int = 1
     name: ClassVar[str] = "int4"
     lossless: ClassVar[bool] = False
@@ -208,6 +222,8 @@ class Int4Codec:
     def __post_init__(self) -> None:
         if self.group < 2 or self.group % 2:
             raise InvalidInputError(f"int4 group must be an even number >= 2, got {self.group}")
+        if self.rotate and self.group & (self.group - 1):
+            raise InvalidInputError(f"int4 with rotate needs a power-of-two group, got {self.group}")
 
     def _groups(self, hidden_size: int) -> int:
         if hidden_size % self.group:
@@ -230,7 +246,8 @@ class Int4Codec:
 
     def _grouped(self, states: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         x = np.asarray(states, dtype=np.float32) / np.asarray(params["channel_scale"], np.float32)
-        return x.reshape(len(x), self._groups(x.shape[1]), self.group)
+        g = x.reshape(len(x), self._groups(x.shape[1]), self.group)
+        return g @ _hadamard(self.group) if self.rotate else g
 
     def _scale(self, g: np.ndarray) -> np.ndarray:
         return _scale_up_fp16(np.abs(g).max(axis=2) / 7)
@@ -249,14 +266,18 @@ class Int4Codec:
         codes[:, 1::2] = packed >> 4
         x = (codes - 8).astype(np.float32).reshape(len(packed), scale.shape[1], self.group)
         x *= scale[..., None]
+        if self.rotate:
+            x = x @ _hadamard(self.group)
         return x.reshape(len(packed), -1) * np.asarray(params["channel_scale"], np.float32)
 
     def error_bound(self, states: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        """Half a quantization step of the element's group, in original units."""
+        """Half a quantization step of the element's group, in original units; with `rotate`,
+        sqrt(group) times that (the rotation can gather a group's errors into one value)."""
         g = self._grouped(states, params)
-        step = np.broadcast_to(self._scale(g).astype(np.float32)[..., None], g.shape).reshape(len(g), -1)
-        x = g.reshape(len(g), -1)
-        return (0.5 * step + 1e-6 * np.abs(x)) * np.asarray(params["channel_scale"], np.float32)
+        half = 0.5 * self._scale(g).astype(np.float32)[..., None] * (np.sqrt(self.group) if self.rotate else 1)
+        slack = 1e-5 * np.abs(g).max(axis=2, keepdims=True) * np.sqrt(self.group)
+        bound = np.broadcast_to(half + slack, g.shape).reshape(len(g), -1)
+        return bound * np.asarray(params["channel_scale"], np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}

@@ -19,7 +19,7 @@ from erstore.writer import StoreWriter
 CODECS = [
     LosslessCodec("float32"), LosslessCodec("float16", shuffle=True), LosslessCodec("bfloat16", shuffle=True),
     LosslessCodec("float32", shuffle=True), Int8Codec("token"), Int8Codec("channel"), Int8Codec("both"),
-    Int4Codec(8), Int4Codec(16),
+    Int4Codec(8), Int4Codec(16), Int4Codec(16, rotate=False), Int4Codec(2, rotate=False),
 ]
 
 
@@ -103,7 +103,8 @@ def test_parse_codec(text, expected):
     assert parse_codec(text) == expected
 
 
-@pytest.mark.parametrize("text", ["zip", "int4:group=3", "int8:scales=row", "int4:size=8", "int4:group"])
+@pytest.mark.parametrize("text", ["zip", "int4:group=3", "int4:group=24", "int8:scales=row", "int4:size=8",
+                                  "int4:group"])
 def test_bad_codec_text_is_rejected(text):
     with pytest.raises(InvalidInputError):
         parse_codec(text)
