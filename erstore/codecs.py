@@ -9,8 +9,9 @@ of a store's recipe, so one store never mixes codecs. Codecs are frozen dataclas
   Reads return exactly the stored dtype.
 - `int8`: symmetric 8-bit codes; per-token scales, per-channel scales, or both (channels are first
   divided by a per-build channel scale, then each token gets its own absmax scale).
-- `int4`: symmetric 4-bit codes in groups of `group` channels with one float16 scale per group,
-  after the same per-channel normalisation; two codes per byte.
+- `int4`: 16 symmetric levels (+-0.5 .. +-7.5 steps, no zero level: all 16 codes carry
+  information) in groups of `group` channels with one float16 scale per group, after the same
+  per-channel normalisation and a Hadamard rotation of each group; two codes per byte.
 
 Lossy codecs fit per-build parameters (channel scales) on the first flushed rows; they are saved
 next to the build's arrays. Each documents a per-element error bound (`error_bound`), checked by
@@ -250,21 +251,21 @@ class Int4Codec:
         return g @ _hadamard(self.group) if self.rotate else g
 
     def _scale(self, g: np.ndarray) -> np.ndarray:
-        return _scale_up_fp16(np.abs(g).max(axis=2) / 7)
+        return _scale_up_fp16(np.abs(g).max(axis=2) / 7.5)
 
     def encode(self, states: np.ndarray, params: dict[str, Any]) -> dict[str, np.ndarray]:
         g = self._grouped(states, params)
         scale = self._scale(g)
         safe = np.where(scale > 0, scale, 1).astype(np.float32)[..., None]
-        codes = (np.clip(np.rint(g / safe), -7, 7) + 8).astype(np.uint8).reshape(len(g), -1)
+        codes = np.clip(np.rint(g / safe + 7.5), 0, 15).astype(np.uint8).reshape(len(g), -1)
         return {"states": codes[:, 0::2] | (codes[:, 1::2] << 4), "scales": scale}
 
     def decode(self, parts: dict[str, np.ndarray], params: dict[str, Any]) -> np.ndarray:
         packed, scale = parts["states"], parts["scales"].astype(np.float32)
-        codes = np.empty((len(packed), packed.shape[1] * 2), dtype=np.int8)
+        codes = np.empty((len(packed), packed.shape[1] * 2), dtype=np.uint8)
         codes[:, 0::2] = packed & 0x0F
         codes[:, 1::2] = packed >> 4
-        x = (codes - 8).astype(np.float32).reshape(len(packed), scale.shape[1], self.group)
+        x = (codes.astype(np.float32) - 7.5).reshape(len(packed), scale.shape[1], self.group)
         x *= scale[..., None]
         if self.rotate:
             x = x @ _hadamard(self.group)
