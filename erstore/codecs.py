@@ -12,6 +12,9 @@ of a store's recipe, so one store never mixes codecs. Codecs are frozen dataclas
 - `int4`: 16 symmetric levels (+-0.5 .. +-7.5 steps, no zero level: all 16 codes carry
   information) in groups of `group` channels with one float16 scale per group, after the same
   per-channel normalisation and a Hadamard rotation of each group; two codes per byte.
+- `entropy`: uniform quantization with a per-token step (a fraction of the token's RMS), int8
+  codes that zstd entropy-codes to ~4.3 bits per value at step 0.2; about 3x less squared error
+  than `int4` for the same bytes on MiniLM states (benchmarks/bench_codecs.py).
 
 Lossy codecs fit per-build parameters (channel scales) on the first flushed rows; they are saved
 next to the build's arrays. Each documents a per-element error bound (`error_bound`), checked by
@@ -284,8 +287,63 @@ class Int4Codec:
         return {"name": self.name, **asdict(self)}
 
 
-Codec = LosslessCodec | Int8Codec | Int4Codec
-_CODECS: dict[str, type] = {"lossless": LosslessCodec, "int8": Int8Codec, "int4": Int4Codec}
+@dataclass(frozen=True)
+class EntropyCodec:
+    """Uniform quantization with a per-token step, entropy-coded by zstd.
+
+    Each token's step is `step` times its RMS (coarser only if a value would pass 127 steps); codes
+    are int8 and zstd's Huffman stage packs them close to their entropy. For the same bytes this
+    beats fixed-width 4-bit codes: a uniform quantizer followed by entropy coding is within 0.25
+    bit of the rate-distortion bound, and rare large values cost a few bits instead of stretching
+    every value's step. Error: at most half a step per element.
+    """
+
+    step: float = 0.2
+    zstd_level: int = 1
+    name: ClassVar[str] = "entropy"
+    lossless: ClassVar[bool] = False
+    dtype: ClassVar[str] = "int8"
+    itemsize: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, (int, float)) or not 0 < self.step <= 4:
+            raise InvalidInputError(f"entropy step must be in (0, 4] (a fraction of token RMS), got {self.step}")
+
+    def rows_per_chunk(self, hidden_size: int) -> int:
+        return _rows_per_chunk(hidden_size)
+
+    def arrays(self, hidden_size: int) -> dict[str, dict[str, Any]]:
+        rows = self.rows_per_chunk(hidden_size)
+        return {"states": _array([hidden_size], rows, "int8", self.zstd_level),
+                "scales": _array([1], rows, "float16", self.zstd_level)}
+
+    def fit(self, sample: np.ndarray) -> dict[str, Any]:
+        return {}
+
+    def _step(self, x: np.ndarray) -> np.ndarray:
+        rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=1, keepdims=True)).astype(np.float32)
+        return _scale_up_fp16(np.maximum(rms * np.float32(self.step), np.abs(x).max(axis=1, keepdims=True) / 127))
+
+    def encode(self, states: np.ndarray, params: dict[str, Any]) -> dict[str, np.ndarray]:
+        x = np.asarray(states, dtype=np.float32)
+        step = self._step(x)
+        safe = np.where(step > 0, step, 1).astype(np.float32)
+        return {"states": np.clip(np.rint(x / safe), -127, 127).astype(np.int8), "scales": step}
+
+    def decode(self, parts: dict[str, np.ndarray], params: dict[str, Any]) -> np.ndarray:
+        return parts["states"].astype(np.float32) * parts["scales"].astype(np.float32)
+
+    def error_bound(self, states: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        x = np.asarray(states, dtype=np.float32)
+        return np.broadcast_to(0.5 * self._step(x).astype(np.float32), x.shape) + 1e-6 * np.abs(x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+Codec = LosslessCodec | Int8Codec | Int4Codec | EntropyCodec
+_CODECS: dict[str, type] = {"lossless": LosslessCodec, "int8": Int8Codec, "int4": Int4Codec,
+                            "entropy": EntropyCodec}
 
 
 def codec_from_dict(data: dict[str, Any]) -> Codec:
@@ -297,23 +355,42 @@ def codec_from_dict(data: dict[str, Any]) -> Codec:
 
 def parse_codec(text: str, *, dtype: str = "float16") -> Codec:
     """Read the CLI form: ``lossless``, ``shuffle``, ``int8[:scales=token|channel|both]``,
-    ``int4[:group=64]`` (lossless forms use `dtype`)."""
+    ``int4[:group=64]``, ``entropy[:step=0.2]`` (lossless forms use `dtype`)."""
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise InvalidInputError(f"codec option {item!r} should look like name=value")
-        options[key.strip().replace("-", "_")] = int(value) if value.strip().isdigit() else value.strip()
+        key = key.strip().replace("-", "_")
+        options[key] = _flag(value) if key in ("shuffle", "rotate") else _number(value.strip())
     try:
         if name == "lossless":
             return LosslessCodec(dtype=dtype, **options)
         if name == "shuffle":
             return LosslessCodec(dtype=dtype, shuffle=True, **options)
-        if name in ("int8", "int4"):
+        if name in ("int8", "int4", "entropy"):
             return _CODECS[name](**options)
     except TypeError as e:
         raise InvalidInputError(f"bad options for codec {name!r}: {e}") from e
     raise InvalidInputError(
-        f"unknown codec {text!r}: choose lossless, shuffle, int8[:scales=token|channel|both] or int4[:group=N]"
+        f"unknown codec {text!r}: choose lossless, shuffle, int8[:scales=token|channel|both], "
+        "int4[:group=N] or entropy[:step=0.2]"
     )
+
+
+def _flag(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError(f"expected true or false, got {text!r}")
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

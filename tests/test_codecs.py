@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import erstore
-from erstore.codecs import Int4Codec, Int8Codec, LosslessCodec, codec_from_dict, parse_codec, storage_dtype
+from erstore.codecs import EntropyCodec, Int4Codec, Int8Codec, LosslessCodec, codec_from_dict, parse_codec, storage_dtype
 from erstore.errors import IncompatibleStoreError, InvalidInputError
 from erstore.keys import key_for_ids
 from erstore.manifest import Recipe
@@ -20,6 +20,7 @@ CODECS = [
     LosslessCodec("float32"), LosslessCodec("float16", shuffle=True), LosslessCodec("bfloat16", shuffle=True),
     LosslessCodec("float32", shuffle=True), Int8Codec("token"), Int8Codec("channel"), Int8Codec("both"),
     Int4Codec(8), Int4Codec(16), Int4Codec(16, rotate=False), Int4Codec(2, rotate=False),
+    EntropyCodec(0.2), EntropyCodec(1.5),
 ]
 
 
@@ -98,13 +99,15 @@ def test_quantizers_follow_outlier_channels_better_with_channel_scales():
     ("int8", Int8Codec("both")),
     ("int8:scales=token", Int8Codec("token")),
     ("int4:group=32", Int4Codec(32)),
+    ("int4:group=32,rotate=0", Int4Codec(32, rotate=False)),
+    ("entropy:step=0.25", EntropyCodec(0.25)),
 ])
 def test_parse_codec(text, expected):
     assert parse_codec(text) == expected
 
 
 @pytest.mark.parametrize("text", ["zip", "int4:group=3", "int4:group=24", "int8:scales=row", "int4:size=8",
-                                  "int4:group"])
+                                  "int4:group", "entropy:step=0", "entropy:step=x"])
 def test_bad_codec_text_is_rejected(text):
     with pytest.raises(InvalidInputError):
         parse_codec(text)
@@ -124,3 +127,27 @@ def test_recipe_rejects_mixing_codecs(tmp_path):
         StoreWriter(tmp_path / "s", recipe(LosslessCodec("float16"), 16))
     with pytest.raises(IncompatibleStoreError, match="codec"):
         StoreWriter(tmp_path / "s", recipe(Int8Codec("token"), 16))
+
+
+def test_entropy_codec_values_beyond_127_steps_get_a_coarser_step_not_clipped():
+    x = np.zeros((1, 64), dtype=np.float32)
+    x[0, 0] = 1000.0  # RMS 125: 0.2 * RMS would put this value at 40 steps; force a huge outlier too
+    x[0, 1:] = 0.01
+    codec = EntropyCodec(0.01)
+    got = codec.decode(codec.encode(x, {}), {})
+    assert abs(got[0, 0] - 1000.0) <= codec.error_bound(x, {})[0, 0] + 1e-3
+
+
+def test_entropy_codec_is_smaller_than_int4_for_less_error_on_peaked_data():
+    import zstandard
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_t(4, size=(4096, 128)) * 0.5).astype(np.float32)  # heavy-tailed like activations
+    sizes, errors = {}, {}
+    for codec in (EntropyCodec(0.25), Int4Codec(32)):
+        p = codec.fit(x)
+        parts = codec.encode(x, p)
+        sizes[codec.name] = sum(len(zstandard.ZstdCompressor(level=1).compress(v.tobytes())) for v in parts.values())
+        errors[codec.name] = float(np.mean((codec.decode(parts, p) - x) ** 2))
+    assert errors["entropy"] < errors["int4"]
+    assert sizes["entropy"] < 1.3 * sizes["int4"]
