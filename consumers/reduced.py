@@ -30,6 +30,16 @@ FORMAT_VERSION = 1
 KIND = {cls: name for name, cls in HEADS.items()}
 
 
+def round_trip(codec: Any, states: np.ndarray) -> np.ndarray:
+    """States as the store would return them, so a hit and a miss give the same answer.
+
+    Exact for lossless codecs; a quantizing codec is fitted on this one sequence here, whereas a
+    build fits it on a sample of its batch, so those can differ by the quantization step.
+    """
+    params = codec.fit(states)
+    return np.asarray(codec.decode(codec.encode(states, params), params))
+
+
 class ReducedModel(nn.Module):
     """Layers k..N-1 of the store's model and a head; see the module docstring."""
 
@@ -158,6 +168,7 @@ class ReducedModel(nn.Module):
             for (ids, b), key in zip(ws, ks):
                 if key not in states:
                     todo[key] = (key, ids, b, [recipe.layer])
+        computed: dict[str, np.ndarray] = {}
         if todo:
             extractor = self._extractor_for(recipe)
             for batch in length_batches(list(todo.values()), 32):
@@ -170,14 +181,14 @@ class ReducedModel(nn.Module):
                             types[row, t[2]:] = 1
                 out = extractor(ids, torch.ones_like(ids), types, [recipe.layer])[recipe.layer]
                 for row, t in enumerate(batch):
-                    # Round through the store's dtype, so a hit and a miss give the same answer.
-                    states[t[0]] = store.codec.encode(out[row].float().numpy())
+                    computed[t[0]] = out[row].float().numpy()
+                    states[t[0]] = round_trip(store.codec, computed[t[0]])
             if write_back:
                 from erstore.writer import StoreWriter
 
                 with StoreWriter(store.location.url, recipe) as writer:
                     for key, ids, b, _ in todo.values():
-                        writer.append(key, states[key], np.asarray(ids), boundary=b)
+                        writer.append(key, computed[key], np.asarray(ids), boundary=b)
                     writer.commit(build={"source": "consumers.predict", "computed": len(todo)})
         return [[states[k] for k in ks] for ks in keys]
 

@@ -22,6 +22,7 @@ from erstore.errors import (
     KeyNotFoundError,
     StoreNotFoundError,
     StorePermissionError,
+    StoreUnreachableError,
 )
 from erstore.keys import key_for_ids
 from erstore.store import Entry, Store
@@ -32,8 +33,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def open(path: str | os.PathLike[str], *, version: int | None = None, **options: Any) -> Store:  # noqa: A001
-    """Open a store read-only at `version` (default: the newest committed one).
+def open(path: str | os.PathLike[str], *, version: int | str | None = None, **options: Any) -> Store:  # noqa: A001
+    """Open a store read-only at `version`: a number, a tag name (`erstore tag`) or None (newest).
+
+    `path` is a folder, `s3://bucket/prefix` (options `endpoint=`, `region=`, else AWS_* variables)
+    or a read-only `http(s)://` URL.
 
     Raises StoreNotFoundError if `path` is not a store or has no such version, and
     IncompatibleStoreError if it was written by a newer erstore format.
@@ -51,5 +55,5 @@ def build(config: BuildConfig | None = None, **options: Any) -> list[BuildResult
 __all__ = [
     "CommitConflictError", "CorruptStoreError", "Entry", "ErstoreError", "IncompatibleStoreError",
     "InvalidInputError", "KeyNotFoundError", "Store", "StoreNotFoundError", "StorePermissionError",
-    "build", "key_for_ids", "open",
+    "StoreUnreachableError", "build", "key_for_ids", "open",
 ]

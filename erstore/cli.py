@@ -31,6 +31,22 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _remote(endpoint: str | None, region: str | None) -> dict[str, str]:
+    """Location options for object storage (only those given; the rest come from AWS_* variables)."""
+    return {k: v for k, v in (("endpoint", endpoint), ("region", region)) if v}
+
+
+def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--region", default=None, help="S3 region [default: $AWS_REGION or us-east-1].")(fn)
+    return click.option("--endpoint", default=None,
+                        help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")(fn)
+
+
+def _version(value: str | None) -> int | str | None:
+    """A --version value: a number, or a tag name (see `erstore tag`)."""
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def _print(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
@@ -62,6 +78,8 @@ def main() -> None:
 @click.option("--id-field", default=None, help="JSONL field holding a document id [default: line number].")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
+@click.option("--region", default=None, help="S3 region [default: $AWS_REGION or us-east-1].")
 @_errors
 def build(**opts: Any) -> None:
     """Run a model over a corpus once and store layer-k hidden states as a new version."""
@@ -77,6 +95,7 @@ def build(**opts: Any) -> None:
         max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
         device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
         id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
+        store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
     )
     for result in run(config):
         click.echo(result.summary())
@@ -84,14 +103,15 @@ def build(**opts: Any) -> None:
 
 @main.command()
 @click.argument("path")
-@click.option("--version", type=int, default=None, help="Version to describe [default: newest].")
+@click.option("--version", default=None, help="Version number or tag to describe [default: newest].")
 @click.option("--json", "as_json", is_flag=True)
+@_remote_options
 @_errors
-def info(path: str, version: int | None, as_json: bool) -> None:
+def info(path: str, version: str | None, as_json: bool, endpoint: str | None, region: str | None) -> None:
     """Recipe, versions, counts and bytes of a store."""
     from erstore.store import Store
 
-    with Store(path, version=version) as store:
+    with Store(path, version=_version(version), **_remote(endpoint, region)) as store:
         data = store.info()
     r = data["recipe"]
     text = "\n".join([
@@ -111,14 +131,15 @@ def info(path: str, version: int | None, as_json: bool) -> None:
 @main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True)
+@_remote_options
 @_errors
-def versions(path: str, as_json: bool) -> None:
+def versions(path: str, as_json: bool, endpoint: str | None, region: str | None) -> None:
     """List committed versions: number, time, what each added."""
     from dataclasses import asdict
 
     from erstore.store import Store
 
-    with Store(path) as store:
+    with Store(path, **_remote(endpoint, region)) as store:
         manifests = store.versions()
     rows = [asdict(m) for m in manifests]
     lines = [f"{'version':>7}  {'created':29}  {'+sequences':>10}  {'+tokens':>9}  {'sequences':>9}"]
@@ -129,15 +150,16 @@ def versions(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path")
-@click.option("--version", type=int, default=None)
+@click.option("--version", default=None, help="Version number or tag [default: newest].")
 @click.option("--json", "as_json", is_flag=True)
+@_remote_options
 @_errors
-def verify(path: str, version: int | None, as_json: bool) -> None:
+def verify(path: str, version: str | None, as_json: bool, endpoint: str | None, region: str | None) -> None:
     """Check every sequence against its write-time checksum; exit 1 on corruption."""
     from erstore.store import Store
     from erstore.verify import verify as run
 
-    with Store(path, version=version) as store:
+    with Store(path, version=_version(version), **_remote(endpoint, region)) as store:
         report = run(store)
     lines = [f"{c['key']}: {c['problem']}" for c in report.corrupt]
     lines.append(f"{'OK' if report.ok else 'CORRUPT'}: checked {report.checked} sequences, "

@@ -41,3 +41,7 @@ class StorePermissionError(ErstoreError, PermissionError):
 
 class CommitConflictError(ErstoreError, RuntimeError):
     """Another writer kept winning the race to commit the next version."""
+
+
+class StoreUnreachableError(ErstoreError, ConnectionError):
+    """The store's endpoint (object storage or HTTP server) cannot be reached."""

@@ -7,7 +7,8 @@ in its workers at all. For local stores this module reads the same zarr3 chunks 
 read + zstd via `zstandard`), with a small LRU cache of decoded chunks, and returns the same
 `Entry` objects as `Store.read_positions`.
 
-Scope: only what erstore writes (zarr3, regular chunk grid, default chunk keys, bytes + zstd).
+Scope: only what erstore writes (zarr3, regular chunk grid, default chunk keys, [transpose +]
+bytes + zstd), decoded by the store's codec.
 Not here: object storage or HTTP (use a spawn/forkserver DataLoader or `erstore.torchdata.Loader`).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from erstore.codecs import storage_dtype
+from erstore.codecs import Codec, storage_dtype
 from erstore.errors import CorruptStoreError, ErstoreError
 from erstore.index import KeyIndex
 from erstore.keys import join_key
@@ -29,7 +30,7 @@ DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class _Array:
-    """One zarr3 array on local disk: chunk height, dtype, and chunk decoding."""
+    """One zarr3 array on local disk: chunk shape, dtype, and chunk decoding."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -37,7 +38,12 @@ class _Array:
             meta = json.loads((root / "zarr.json").read_text())
         except (OSError, ValueError) as e:
             raise CorruptStoreError(f"cannot read {root}/zarr.json: {e}") from e
-        names = [c["name"] for c in meta["codecs"]]
+        codecs = meta["codecs"]
+        names = [c["name"] for c in codecs]
+        self.order: list[int] | None = None
+        if names and names[0] == "transpose":
+            self.order = list(codecs[0]["configuration"]["order"])
+            names = names[1:]
         encoding = meta.get("chunk_key_encoding", {})
         if names != ["bytes", "zstd"] or encoding.get("name") != "default" or \
                 encoding.get("configuration", {}).get("separator", "/") != "/":
@@ -58,16 +64,25 @@ class _Array:
             raw = path.read_bytes()
         except FileNotFoundError:
             return np.full(self.chunk_shape, self.fill, dtype=self.dtype)
-        data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=int(np.prod(self.chunk_shape)) * self.dtype.itemsize)
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_shape)
+        size = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        data = np.frombuffer(zstandard.ZstdDecompressor().decompress(raw, max_output_size=size), dtype=self.dtype)
+        if self.order is None:
+            return data.reshape(self.chunk_shape)
+        # The `transpose` codec stored the chunk as chunk.transpose(order); undo it.
+        stored = data.reshape([self.chunk_shape[i] for i in self.order])
+        return np.ascontiguousarray(stored.transpose(np.argsort(self.order)))
 
 
 class LocalReader:
     """Reads sequences of a local store by index position, without TensorStore."""
 
-    def __init__(self, root: str | Path, index: KeyIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, root: str | Path, index: KeyIndex, codec: Codec, hidden_size: int, *,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.root = Path(root)
         self.index = index
+        self.codec = codec
+        self.parts = list(codec.arrays(hidden_size))
+        self._codec_params: dict[int, dict] = {}
         self.cache_bytes = cache_bytes
         self._arrays: dict[tuple[int, str], _Array] = {}
         self._cache: OrderedDict[tuple[int, str, int], np.ndarray] = OrderedDict()
@@ -99,6 +114,7 @@ class LocalReader:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def read_positions(self, positions: np.ndarray, *, keys: list[str] | None = None) -> list[Entry]:
+        """Same result as `Store.read_positions`: entries in the order asked."""
         recs = self.index.records[np.asarray(positions, dtype=np.int64)]
         if keys is None:
             keys = [join_key(h, l) for h, l in zip(recs["hi"].tolist(), recs["lo"].tolist())]
@@ -106,6 +122,15 @@ class LocalReader:
         for key, rec in zip(keys, recs):
             slot, start = int(rec["array"]), int(rec["row"])
             stop = start + int(rec["length"])
-            out.append(Entry(key, self._rows(slot, "states", start, stop),
-                             self._rows(slot, "tokens", start, stop).astype(np.int32), int(rec["boundary"])))
+            parts = {name: self._rows(slot, name, start, stop) for name in self.parts}
+            states = self.codec.decode(parts, self._params(slot))
+            out.append(Entry(key, states, self._rows(slot, "tokens", start, stop), int(rec["boundary"])))
         return out
+
+    def _params(self, slot: int) -> dict:
+        params = self._codec_params.get(slot)
+        if params is None:
+            path = self.root / "arrays" / self.index.arrays[slot] / "codec.json"
+            params = json.loads(path.read_text()) if path.exists() else {}
+            self._codec_params[slot] = params
+        return params

@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from erstore.errors import ErstoreError, StorePermissionError
+from erstore.errors import ErstoreError, StoreNotFoundError, StorePermissionError, StoreUnreachableError
 
 # The generation TensorStore reports for a key that does not exist; writing with
 # if_equal=_NO_VALUE succeeds only if the key is still absent.
@@ -32,8 +32,15 @@ def kvstore_spec(url: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
         endpoint = options.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             spec["endpoint"] = endpoint
-        spec["aws_region"] = options.get("region") or os.environ.get("AWS_REGION", "us-east-1")
-        spec["aws_credentials"] = {"type": "environment"}
+        spec["aws_region"] = (options.get("region") or os.environ.get("AWS_REGION")
+                              or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+        spec["aws_credentials"] = _credentials(options.get("credentials"))
+        # Send `If-None-Match: *` on write-if-absent without a HEAD first: the PUT itself is the
+        # conditional (AWS S3, MinIO, R2, moto honour it; `check_conditional_writes` verifies).
+        spec["use_conditional_write"] = True
+        # TensorStore's default retries wait minutes on an unreachable endpoint.
+        spec["s3_request_retries"] = {"max_retries": int(options.get("retries", 8)),
+                                      "initial_delay": "100ms", "max_delay": "8s"}
         return spec
     if text.startswith(("http://", "https://")):
         return {"driver": "http", "base_url": text.rstrip("/") + "/"}
@@ -46,6 +53,46 @@ def _dir(path: str) -> str:
     return path if not path or path.endswith("/") else path + "/"
 
 
+def _credentials(choice: str | None) -> dict[str, Any]:
+    """TensorStore `aws_credentials`: environment keys if set, else the default AWS chain.
+
+    `choice` may be "environment", "default", "anonymous" or "profile:NAME".
+    """
+    if choice is None:
+        choice = "environment" if os.environ.get("AWS_ACCESS_KEY_ID") else "default"
+    if choice.startswith("profile:"):
+        return {"type": "profile", "profile": choice.partition(":")[2]}
+    if choice not in ("environment", "default", "anonymous"):
+        raise ErstoreError(f"unknown credentials {choice!r}: use environment, default, anonymous or profile:NAME")
+    return {"type": choice}
+
+
+def explain(url: str, e: Exception) -> ErstoreError:
+    """Turn a TensorStore I/O error into one that names the store and the likely fix."""
+    text = str(e)
+    if "NoSuchBucket" in text:
+        bucket = url[len("s3://") :].partition("/")[0]
+        return StoreNotFoundError(f"bucket {bucket!r} of {url} does not exist on this endpoint; "
+                                  "create it first or check --endpoint / AWS_ENDPOINT_URL")
+    if "credentials" in text.lower() and ("INTERNAL" in text or "environment" in text):
+        return StorePermissionError(
+            f"no AWS credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            f"(or AWS_PROFILE) ({_first_line(text)})")
+    if "PERMISSION_DENIED" in text or "403" in text:
+        found = "" if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE") else \
+            " No credentials were found in AWS_ACCESS_KEY_ID / AWS_PROFILE."
+        return StorePermissionError(f"access to {url} was denied (HTTP 403): check the credentials "
+                                    f"and the bucket policy.{found}")
+    if "CURL error" in text or "Could not connect" in text or "Couldn't resolve" in text:
+        return StoreUnreachableError(f"cannot reach the endpoint of {url}: {_first_line(text)}; "
+                                     "check --endpoint / AWS_ENDPOINT_URL and the network")
+    return ErstoreError(f"I/O error on {url}: {_first_line(text)}")
+
+
+def _first_line(text: str) -> str:
+    return text.split(" [", 1)[0].splitlines()[0] if text else text
+
+
 @dataclass(frozen=True)
 class Location:
     """A kvstore rooted at one store; keys are relative paths like ``versions/00000001.json``."""
@@ -56,8 +103,18 @@ class Location:
 
     @classmethod
     def open(cls, url: str | os.PathLike[str], **options: Any) -> Location:
+        """Open the kvstore; for object storage, one quick request first checks the endpoint,
+        bucket and credentials so that a mistake fails in a second with a clear message."""
         spec = kvstore_spec(url, **options)
-        return cls(os.fspath(url), spec, ts.KvStore.open(spec).result())
+        text = os.fspath(url)
+        try:
+            kv = ts.KvStore.open(spec).result()
+            if spec["driver"] == "s3":
+                probe = ts.KvStore.open({**spec, "s3_request_retries": {"max_retries": 1}}).result()
+                probe.list(ts.KvStore.KeyRange("erstore.json", "erstore.json\x00")).result()
+        except ValueError as e:
+            raise explain(text, e) from e
+        return cls(text, spec, kv)
 
     @property
     def is_local(self) -> bool:
@@ -74,13 +131,19 @@ class Location:
 
     def read(self, key: str) -> bytes | None:
         """Return the value of `key`, or None if it does not exist."""
-        result = self.kv.read(key).result()
+        try:
+            result = self.kv.read(key).result()
+        except ValueError as e:
+            raise explain(self.url, e) from e
         return result.value if result.state == "value" else None
 
     def read_many(self, keys: list[str]) -> list[bytes | None]:
         """Read several keys concurrently."""
         futures = [self.kv.read(k) for k in keys]
-        return [r.value if r.state == "value" else None for r in (f.result() for f in futures)]
+        try:
+            return [r.value if r.state == "value" else None for r in (f.result() for f in futures)]
+        except ValueError as e:
+            raise explain(self.url, e) from e
 
     def write(self, key: str, value: bytes) -> None:
         try:
@@ -94,12 +157,38 @@ class Location:
             stamp = self.kv.write(key, value, if_equal=_NO_VALUE).result()
         except ValueError as e:
             raise self._write_error(key, e) from e
+        if not stamp.generation and self.read(key) is None:
+            # "Not written" although nobody has the key: the condition cannot be evaluated
+            # (e.g. a bucket deleted meanwhile). Retrying would loop forever.
+            raise StorePermissionError(f"cannot create {key!r} under {self.url}: the write was refused "
+                                       "and the key does not exist; check that the bucket still exists")
         return bool(stamp.generation)
+
+    def check_conditional_writes(self) -> None:
+        """Fail unless write-if-absent is really conditional here (the commit relies on it).
+
+        Object stores that ignore `If-None-Match: *` would let two racing builds both "win" the
+        same version number; refuse to write to them rather than lose a version.
+        """
+        probe = f".erstore-probe/{os.getpid()}-{os.urandom(6).hex()}"
+        try:
+            first = self.write_if_absent(probe, b"1")
+            second = self.write_if_absent(probe, b"2") if first else True
+            kept = self.read(probe)
+        finally:
+            self.kv.delete_range(ts.KvStore.KeyRange(probe, probe + "\x00")).result()
+        if not first or second or kept != b"1":
+            raise StorePermissionError(
+                f"{self.url} does not honour conditional writes (If-None-Match: *), which erstore "
+                "needs to commit versions safely; use an object store that supports them (AWS S3, "
+                "MinIO, Cloudflare R2) or a local path")
 
     def check_writable(self) -> None:
         """Fail early, before any compute, if the store location cannot be written."""
         if self.read_only:
             raise StorePermissionError(f"{self.url} is served over HTTP and is read-only")
+        if self.spec["driver"] == "s3":
+            self.check_conditional_writes()
         if self.is_local:
             root = Path(self.spec["path"])
             try:
@@ -112,7 +201,9 @@ class Location:
                     f"cannot write to store path {root}: {e.strerror}; choose a writable --store"
                 ) from e
 
-    def _write_error(self, key: str, e: Exception) -> StorePermissionError:
+    def _write_error(self, key: str, e: Exception) -> ErstoreError:
+        if not self.is_local:
+            return explain(self.url, e)
         return StorePermissionError(
             f"cannot write {key!r} under {self.url}: {e}; check that the store location exists, "
             "is writable and (for object storage) that the bucket and credentials are right"
@@ -122,10 +213,13 @@ class Location:
         """Keys under `prefix`, sorted."""
         if self.read_only:
             raise ErstoreError(f"{self.url} is served over HTTP, which cannot list keys")
-        if prefix:
-            keys = self.kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).result()
-        else:
-            keys = self.kv.list().result()
+        try:
+            if prefix:
+                keys = self.kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).result()
+            else:
+                keys = self.kv.list().result()
+        except ValueError as e:
+            raise explain(self.url, e) from e
         return sorted(k.decode() for k in keys)
 
     def delete_prefix(self, prefix: str) -> None:
@@ -143,5 +237,31 @@ class Location:
         if self.is_local:
             root = Path(self.spec["path"]) / prefix
             return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+        if self.spec["driver"] == "s3":
+            sizes = _s3_sizes(self.spec, self.spec.get("path", "") + prefix)
+            if sizes is not None:
+                return sizes
         keys = self.list(prefix)
         return sum(len(v or b"") for v in self.read_many(keys))
+
+
+def _s3_sizes(spec: dict[str, Any], prefix: str) -> int | None:
+    """Bytes under an S3 prefix from ListObjectsV2 (1 request per 1000 objects) via boto3.
+
+    TensorStore's Python list returns keys without sizes, so without boto3 the fallback reads
+    every object. Returns None when boto3 is not installed or the listing fails.
+    """
+    try:
+        import boto3
+    except ImportError:
+        return None
+    creds = spec.get("aws_credentials", {})
+    try:
+        session = boto3.session.Session(profile_name=creds.get("profile") or None)
+        client = session.client("s3", endpoint_url=spec.get("endpoint"), region_name=spec.get("aws_region"))
+        total = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=spec["bucket"], Prefix=prefix):
+            total += sum(obj["Size"] for obj in page.get("Contents", ()))
+        return total
+    except Exception:  # noqa: BLE001 - any boto3 problem: fall back to TensorStore reads
+        return None

@@ -67,6 +67,20 @@ def list_versions(location: Location) -> list[int]:
     return sorted(v for k in location.list("versions/") if (v := parse_version_key(k)) is not None)
 
 
+def tag_key(name: str) -> str:
+    return f"tags/{name}.json"
+
+
+def resolve_tag(location: Location, name: str) -> int:
+    """The version a tag (see `erstore tag`) points at."""
+    raw = location.read(tag_key(name))
+    if raw is None:
+        raise StoreNotFoundError(f"{location.url} has no version or tag {name!r}; see `erstore versions` "
+                                 "and `erstore tag`")
+    data = json.loads(raw)
+    return int(data["version"])
+
+
 def read_manifest(location: Location, version: int) -> VersionManifest:
     raw = location.read(version_key(version))
     if raw is None:
@@ -89,12 +103,14 @@ def load_index(location: Location, manifest: VersionManifest | None) -> KeyIndex
 class Store:
     """A read-only view of one version of a store. Use `erstore.open` to get one."""
 
-    def __init__(self, url: str | os.PathLike[str], *, version: int | None = None,
+    def __init__(self, url: str | os.PathLike[str], *, version: int | str | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, **location_options: Any):
         self.location = Location.open(url, **location_options)
         self.meta = read_meta(self.location)
         self.recipe = self.meta.recipe
         self.codec = codec_from_dict(self.recipe.codec)
+        if isinstance(version, str):  # a tag name
+            version = resolve_tag(self.location, version)
         versions = list_versions(self.location)
         if version is None:
             version = versions[-1] if versions else None

@@ -158,3 +158,7 @@ def qa_store(tiny_bert, tmp_path_factory) -> Path:
 def label_rows() -> dict:
     """The rows the read/QA stores were built from: NER rows, QA rows and the shared sentences."""
     return {"ner": NER_ROWS, "qa": QA_ROWS, "sentences": SENTENCES}
+
+
+# -- object storage (tests/s3server.py): a real moto_server, started once per session ---------
+from tests.s3server import s3_server, s3_url  # noqa: E402,F401

@@ -209,3 +209,21 @@ def test_dataset_pickles_without_handles_and_reopens(read_store):
 def test_import_erstore_does_not_import_torch():
     code = "import sys, erstore; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("codec", ["shuffle", "int8", "int4:group=16"])
+def test_fork_safe_reader_matches_tensorstore_for_every_codec(tiny_bert, tmp_path, codec):
+    from erstore.localread import LocalReader
+
+    rows = [{"text": f"Sentence {i} talks about {w} and more {w}."} for i, w in enumerate("abcdefghij")]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    erstore.build(model=str(tiny_bert), layers=(2,), corpus=str(corpus), store=str(tmp_path / "s"),
+                  dtype="float16", codec=codec, progress=False, max_length=64)
+    store = erstore.open(tmp_path / "s")
+    order = np.arange(len(store))[::-1]
+    local = LocalReader(store.location.spec["path"], store.index, store.codec, store.recipe.hidden_size)
+    for a, b in zip(store.read_positions(order), local.read_positions(order)):
+        assert a.key == b.key and a.boundary == b.boundary
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_array_equal(a.states, b.states)
