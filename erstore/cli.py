@@ -169,5 +169,148 @@ def verify(path: str, version: str | None, as_json: bool, endpoint: str | None, 
         sys.exit(1)
 
 
+
+# -- sharing across teams: tags, diff, copy, gc, catalog, cost (library: erstore.manage, erstore.cost)
+@main.command()
+@click.argument("path")
+@click.argument("version")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Move an existing tag.")
+@_remote_options
+@_errors
+def tag(path: str, version: str, name: str, force: bool, endpoint: str | None, region: str | None) -> None:
+    """Name VERSION of a store NAME; open it later with --version NAME / erstore.open(version=NAME)."""
+    from erstore.manage import tag as run
+
+    number = run(path, _version(version), name, force=force, **_remote(endpoint, region))
+    click.echo(f"tagged version {number} of {path} as {name!r}")
+
+
+@main.command()
+@click.argument("path")
+@click.argument("a")
+@click.argument("b")
+@click.option("--keys", "show_keys", is_flag=True, help="List the keys, not only the counts.")
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@_errors
+def diff(path: str, a: str, b: str, show_keys: bool, as_json: bool, endpoint: str | None,
+         region: str | None) -> None:
+    """Keys added and removed between versions (or tags) A and B."""
+    from erstore.manage import diff as run
+
+    d = run(path, _version(a), _version(b), **_remote(endpoint, region))
+    lines = [f"version {d.a} -> {d.b}: +{len(d.added)} added, -{len(d.removed)} removed"]
+    if show_keys:
+        lines += [f"+ {k}" for k in d.added] + [f"- {k}" for k in d.removed]
+    _print(d.to_dict(), as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--version", default=None, help="Version number or tag of SRC [default: newest].")
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File with one key per line: copy only these sequences.")
+@click.option("--endpoint", default=None, help="S3 endpoint for both stores [default: $AWS_ENDPOINT_URL].")
+@click.option("--region", default=None, help="S3 region for both stores [default: $AWS_REGION].")
+@click.option("--src-endpoint", default=None, help="S3 endpoint of SRC only.")
+@click.option("--dst-endpoint", default=None, help="S3 endpoint of DST only.")
+@_errors
+def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoint: str | None,
+         region: str | None, src_endpoint: str | None, dst_endpoint: str | None) -> None:
+    """Copy a version (or a key subset) of SRC into DST as one new version, keeping keys and recipe."""
+    from pathlib import Path
+
+    from erstore.manage import copy as run
+
+    keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()] if keys_file else None
+    manifest = run(src, dst, version=_version(version), keys=keys,
+                   src_options=_remote(src_endpoint or endpoint, region),
+                   dst_options=_remote(dst_endpoint or endpoint, region))
+    if manifest is None:
+        click.echo(f"{dst} already holds every requested sequence; no version committed")
+    else:
+        click.echo(f"copied {manifest.added.sequences} sequences ({manifest.added.tokens} tokens) to {dst} "
+                   f"as version {manifest.version}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--keep", multiple=True, help="Version number or tag to keep (repeatable).")
+@click.option("--keep-last", type=int, default=None, help="Keep the newest N versions.")
+@click.option("--grace-hours", type=float, default=24.0 * 7, show_default=True,
+              help="Never delete builds that wrote anything this recently (they may still be running).")
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted and freed.")
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@_errors
+def gc(path: str, keep: tuple[str, ...], keep_last: int | None, grace_hours: float, dry_run: bool,
+       as_json: bool, endpoint: str | None, region: str | None) -> None:
+    """Reclaim space no kept version needs. Without --keep/--keep-last every version is kept.
+
+    Tagged versions and the newest version are always kept. Dropped versions can no longer be
+    opened; kept versions are unchanged.
+    """
+    from erstore.manage import gc as run
+
+    if keep_last is not None and keep_last < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--keep-last")
+    r = run(path, keep=list(keep), keep_last=keep_last, dry_run=dry_run, grace_hours=grace_hours,
+            **_remote(endpoint, region))
+    verb = "would free" if dry_run else "freed"
+    lines = [f"kept versions {r.kept_versions}; {'would drop' if dry_run else 'dropped'} {r.dropped_versions}"]
+    lines += [f"{'would delete' if dry_run else 'deleted'} dead build {b}" for b in r.deleted_builds]
+    lines += [f"skipped unreferenced build {b} (newer than --grace-hours; may be running)" for b in r.recent_builds]
+    lines.append(f"{verb} {r.freed_bytes} bytes ({r.freed_bytes / 1e6:.2f} MB)")
+    _print(r.to_dict(), as_json, "\n".join(lines))
+
+
+@main.command(name="ls")
+@click.argument("root")
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@_errors
+def ls_command(root: str, as_json: bool, endpoint: str | None, region: str | None) -> None:
+    """List the stores under a folder or s3://bucket/prefix: recipe, versions, size."""
+    from erstore.manage import ls as run
+
+    rows = run(root, **_remote(endpoint, region))
+    lines = [f"{'store':40}  {'model':24}  {'layer':>5}  {'codec':18}  {'versions':>8}  {'sequences':>9}  {'MB':>9}"]
+    for r in rows:
+        codec = f"{r['codec'].get('name', '?')} {r['codec'].get('dtype', '')}".strip()
+        tagged = f" tags: {', '.join(f'{k}={v}' for k, v in sorted(r['tags'].items()))}" if r["tags"] else ""
+        lines.append(f"{r['store']:40}  {r['model'][-24:]:24}  {r['layer']:>5}  {codec:18}  "
+                     f"{(r['versions'] or [0])[-1]:>8}  {r['sequences']:>9}  {r['bytes'] / 1e6:>9.2f}{tagged}")
+    if not rows:
+        lines = [f"no stores under {root}"]
+    _print(rows, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--version", default=None, help="Version number or tag [default: newest].")
+@click.option("--price-per-hour", type=float, default=None,
+              help="$ per hour of the build device [default: 0.10 for cpu, 2.00 for an accelerator].")
+@click.option("--price-per-gb-month", type=float, default=0.023, show_default=True,
+              help="$ per GB-month of storage (S3 Standard).")
+@click.option("--tokens-per-second", type=float, default=None,
+              help="Throughput of layers 0..k-1 [default: measured by the store's builds].")
+@click.option("--tokens", type=int, default=None, help="Corpus size to cost [default: the store's tokens].")
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@_errors
+def cost(path: str, version: str | None, price_per_hour: float | None, price_per_gb_month: float,
+         tokens_per_second: float | None, tokens: int | None, as_json: bool, endpoint: str | None,
+         region: str | None) -> None:
+    """How often must the corpus be reprocessed for storing layer k to pay off? (paper, appendix A.8)"""
+    from erstore.cost import estimate
+
+    e = estimate(path, version=_version(version), price_per_hour=price_per_hour,
+                 price_per_gb_month=price_per_gb_month, tokens_per_second=tokens_per_second, tokens=tokens,
+                 **_remote(endpoint, region))
+    _print(e.to_dict(), as_json, e.text())
+
+
 if __name__ == "__main__":
     main()

@@ -43,7 +43,9 @@ def kvstore_spec(url: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
                                       "initial_delay": "100ms", "max_delay": "8s"}
         return spec
     if text.startswith(("http://", "https://")):
-        return {"driver": "http", "base_url": text.rstrip("/") + "/"}
+        return {"driver": "http", "base_url": text.rstrip("/") + "/",
+                "http_request_retries": {"max_retries": int(options.get("retries", 8)),
+                                         "initial_delay": "100ms", "max_delay": "8s"}}
     if "://" in text:
         raise ErstoreError(f"unsupported store URL {text!r}: use a local path, s3:// or http(s)://")
     return {"driver": "file", "path": _dir(str(Path(text).expanduser().resolve()))}
@@ -84,8 +86,9 @@ def explain(url: str, e: Exception) -> ErstoreError:
         return StorePermissionError(f"access to {url} was denied (HTTP 403): check the credentials "
                                     f"and the bucket policy.{found}")
     if "CURL error" in text or "Could not connect" in text or "Couldn't resolve" in text:
+        hint = "the URL" if url.startswith("http") else "--endpoint / AWS_ENDPOINT_URL"
         return StoreUnreachableError(f"cannot reach the endpoint of {url}: {_first_line(text)}; "
-                                     "check --endpoint / AWS_ENDPOINT_URL and the network")
+                                     f"check {hint} and the network")
     return ErstoreError(f"I/O error on {url}: {_first_line(text)}")
 
 
@@ -112,6 +115,9 @@ class Location:
             if spec["driver"] == "s3":
                 probe = ts.KvStore.open({**spec, "s3_request_retries": {"max_retries": 1}}).result()
                 probe.list(ts.KvStore.KeyRange("erstore.json", "erstore.json\x00")).result()
+            elif spec["driver"] == "http":
+                probe = ts.KvStore.open({**spec, "http_request_retries": {"max_retries": 1}}).result()
+                probe.read("erstore.json").result()
         except ValueError as e:
             raise explain(text, e) from e
         return cls(text, spec, kv)

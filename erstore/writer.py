@@ -86,8 +86,9 @@ def _array_meta_like(states_meta: dict[str, Any], chunk_rows: int) -> dict[str, 
 
 
 def _non_empty(folder: str) -> bool:
+    # Another writer creating the same store at this moment may have a probe file here.
     with os.scandir(folder) as entries:
-        return any(entries)
+        return any(not e.name.startswith(".probe-") for e in entries)
 
 
 def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
@@ -95,7 +96,7 @@ def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
     location.check_writable()
     raw = location.read(STORE_FILE)
     if raw is None:
-        if location.is_local and _non_empty(location.spec["path"]):
+        if location.is_local and _non_empty(location.spec["path"]) and location.read(STORE_FILE) is None:
             raise StoreNotFoundError(
                 f"{location.spec['path']} exists, is not empty and is not an erstore store "
                 f"(no {STORE_FILE}); choose an empty or new --store path"

@@ -1,0 +1,138 @@
+"""Distributed `erstore build`: `torchrun --nproc-per-node N -m erstore.distributed BUILD-OPTIONS`.
+
+Every rank reads and tokenizes the whole corpus (cheap) and computes only the windows whose
+key falls in its shard (`int(key[:8], 16) % world_size == rank`): content sharding balances
+work, and a window shared by many documents is computed once. Each rank writes its own fresh
+arrays and journals (a `StoreWriter` per rank and layer). At the end rank 0 gathers every
+rank's index records through `torch.distributed` (gloo works on CPU), writes one index file
+that points into all ranks' arrays, and commits exactly one version with the usual
+write-if-absent. If any rank fails, torchrun stops the others and rank 0 never commits: no
+partial version appears; the durable rows stay journaled and the next run adopts them.
+
+The options are those of `erstore build` (`--model`, `--layer`, `--corpus`, `--store`, ...).
+The single-process build is unchanged; this module only swaps in `RankWriter` while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from erstore.builder import build as _single_process_build
+from erstore.index import KeyIndex
+from erstore.manifest import RECORD_DTYPE, VersionManifest, encode_index
+from erstore.writer import StoreWriter
+
+
+class RankWriter(StoreWriter):
+    """A `StoreWriter` for one rank: writes only its shard; `commit` is collective."""
+
+    def __init__(self, *args: Any, rank: int, world_size: int, group: Any = None, **kwargs: Any):
+        import torch.distributed as dist
+
+        # All ranks look for journals to adopt before any rank writes one: a rank must adopt
+        # only leftovers of earlier runs, never a sibling's in-flight journals.
+        dist.barrier(group=group)
+        super().__init__(*args, **kwargs)
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def in_shard(self, key: str) -> bool:
+        return int(key[:8], 16) % self.world_size == self.rank
+
+    def missing(self, keys: list[str]) -> list[bool]:
+        """Missing from the store *and* in this rank's shard: what this rank must compute."""
+        return [m and self.in_shard(k) for k, m in zip(keys, super().missing(keys))]
+
+    def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
+        """Every rank calls this; rank 0 commits all ranks' rows as one version."""
+        import torch.distributed as dist
+
+        self._flush(final=True)
+        own = np.array(self._records, dtype=RECORD_DTYPE)
+        part = {"parts": [(own.tobytes(), [self.build_id]),
+                          *((r.tobytes(), a) for r, a in self._adopted)],
+                "build": build or {}, "arrays": [self.build_id]}
+        gathered: list[Any] = [None] * self.world_size if self.rank == 0 else None  # type: ignore[assignment]
+        dist.gather_object(part, gathered, dst=0, group=self.group)
+        result: list[Any] = [None]
+        if self.rank == 0:
+            result = [self._commit_all(gathered)]
+        dist.broadcast_object_list(result, src=0, group=self.group)
+        self._cleanup_journals()
+        self.closed = True
+        return VersionManifest.from_json(result[0].encode(), "rank 0") if result[0] else None
+
+    def _commit_all(self, gathered: list[dict[str, Any]]) -> str | None:
+        parts = [(np.frombuffer(raw, dtype=RECORD_DTYPE), arrays)
+                 for g in gathered for raw, arrays in g["parts"]]
+        merged = KeyIndex.merge(parts)
+        fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]
+        if not len(fresh):
+            return None
+        self.location.write(f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays))
+        self.location.write(f"index/{self.build_id}.docs.json", json.dumps(self._docs, sort_keys=True).encode())
+        added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
+        builds = [g["build"] for g in gathered]
+        info = {**builds[0], "ranks": len(builds)}
+        for name in ("computed", "computed_tokens"):
+            if all(name in b for b in builds):
+                info[name] = sum(b[name] for b in builds)
+        # Per-device throughput (what a cost estimate needs): tokens over the slowest compute phase.
+        phases = [(b.get("seconds") or {}).get("compute", 0.0) for b in builds]
+        if info.get("computed_tokens") and max(phases) > 0:
+            info["seconds"] = {**(builds[0].get("seconds") or {}), "compute": max(phases) * len(builds)}
+            info["tokens_per_second"] = round(info["computed_tokens"] / max(phases) / len(builds), 1)
+        info["rank_builds"] = builds
+        return self._publish(fresh, added_bytes, info).to_json().decode()
+
+
+@contextlib.contextmanager
+def rank_writers(rank: int, world_size: int, group: Any = None) -> Iterator[None]:
+    """Make `erstore.builder.build` create `RankWriter`s while inside the block."""
+    import erstore.builder as builder
+
+    original = builder.StoreWriter
+    builder.StoreWriter = functools.partial(RankWriter, rank=rank, world_size=world_size, group=group)
+    try:
+        yield
+    finally:
+        builder.StoreWriter = original
+
+
+def build(config: Any) -> list[Any]:
+    """Run `erstore.builder.build(config)` as one rank of a torch.distributed job (gloo)."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
+    try:
+        with rank_writers(dist.get_rank(), dist.get_world_size()):
+            return _single_process_build(config)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: parse the `erstore build` options and build as one rank (every rank prints)."""
+    import erstore.builder as builder
+    from erstore.cli import build as build_command
+
+    builder.build = build  # the CLI command looks up erstore.builder.build when it runs
+    try:
+        build_command.main(args=list(sys.argv[1:] if argv is None else argv),
+                           prog_name="erstore.distributed", standalone_mode=True)
+    finally:
+        builder.build = _single_process_build
+
+
+if __name__ == "__main__":
+    main()
