@@ -190,9 +190,10 @@ def _missing(windows: list[tuple[str, list[int], int]], writers: dict[int, Store
 def length_batches(todo: list, batch_size: int) -> list[list]:
     """Batches of windows of exactly equal length, longest first.
 
-    No padding means no wasted compute, and it keeps stored states bit-identical to running each
-    sequence alone: padded rows go through a masked attention path whose float rounding differs
-    (~1e-6 for MiniLM), while unpadded rows match exactly whatever the batch size.
+    No padding means no wasted compute and no masked-attention path (whose rounding differs by
+    ~1e-6 for MiniLM). Unpadded rows equal a lone run of the sequence for MiniLM on CPU; for other
+    shapes the GEMM kernels may round differently with the batch size (~1e-7), so batch_size=1 is
+    the way to make every sequence bit-identical to its lone run.
     """
     todo = sorted(todo, key=lambda t: len(t[1]), reverse=True)
     batches = []
