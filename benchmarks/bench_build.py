@@ -116,25 +116,33 @@ def scale(n: int, tmp: Path, d: int = 16) -> dict:
             "index_bytes_per_sequence_memory": round(memory / n, 1)}
 
 
+def print_cost(cost: dict, limit: int) -> None:
+    print(f"\n== build / bare forward (MiniLM, layer 3, {limit} stdlib paragraphs) ==")
+    print(f"{'dtype':9} {'rep':>3} {'bare s':>7} {'build s':>8} {'ratio':>6} {'bytes/value':>11}")
+    for r in cost["runs"]:
+        print(f"{r['dtype']:9} {r['repeat']:>3} {r['bare_s']:>7} {r['build_s']:>8} {r['ratio']:>6} "
+              f"{r['bytes_per_value']:>11}")
+    print("paper (padded, uncompressed): fp32 4.0 bytes/value (1.6 MB per 512x768), fp16 2.0 (0.8 MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=2000, help="documents of the default corpus")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1_000_000)
+    ap.add_argument("--only", choices=["build", "scale"], default=None)
     args = ap.parse_args()
     print(machine())
+    cost, scales = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        cost = build_cost(args.limit, args.repeats, Path(tmp))
-        print(f"\n== build / bare forward (MiniLM, layer 3, {args.limit} stdlib paragraphs) ==")
-        print(f"{'dtype':9} {'rep':>3} {'bare s':>7} {'build s':>8} {'ratio':>6} {'bytes/value':>11}")
-        for r in cost["runs"]:
-            print(f"{r['dtype']:9} {r['repeat']:>3} {r['bare_s']:>7} {r['build_s']:>8} {r['ratio']:>6} "
-                  f"{r['bytes_per_value']:>11}")
-        print("paper (padded, uncompressed): fp32 4.0 bytes/value (1.6 MB per 512x768), fp16 2.0 (0.8 MB)")
-        scales = [scale(n, Path(tmp)) for n in (10_000, args.scale)]
-        print("\n== scale (synthetic fp16 states, d=16, 1-7 tokens per sequence) ==")
-        for s in scales:
-            print(s)
+        if args.only != "scale":
+            cost = build_cost(args.limit, args.repeats, Path(tmp))
+            print_cost(cost, args.limit)
+        if args.only != "build":
+            scales = [scale(n, Path(tmp)) for n in (10_000, args.scale)]
+            print("\n== scale (synthetic fp16 states, d=16, 1-7 tokens per sequence) ==")
+            for s in scales:
+                print(s)
     record("build", {"build_cost": cost, "scale": scales})
 
 

@@ -22,21 +22,25 @@ class KeyIndex:
 
     def __init__(self, records: np.ndarray, arrays: list[str]):
         self.arrays = arrays
-        if len(records):
-            order = np.lexsort((records["lo"], records["hi"]))  # stable: first occurrence first
-            hi, lo = records["hi"][order], records["lo"][order]
+        hi = np.ascontiguousarray(records["hi"])
+        lo = np.ascontiguousarray(records["lo"])
+        order = np.argsort(hi)  # no need for stability unless keys repeat (handled below)
+        hi_sorted = hi[order]
+        if len(order) > 1 and (hi_sorted[1:] == hi_sorted[:-1]).any():
+            # Duplicate keys (or a 64-bit prefix collision): sort by (hi, lo) and keep first occurrences.
+            order = np.lexsort((lo, hi))  # stable: first occurrence first
+            hi_sorted, lo_sorted = hi[order], lo[order]
             first = np.ones(len(order), dtype=bool)
-            first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+            first[1:] = (hi_sorted[1:] != hi_sorted[:-1]) | (lo_sorted[1:] != lo_sorted[:-1])
             unique_sorted = order[first]
             kept = np.sort(unique_sorted)
             self.records = records[kept]
             self._sorted = np.searchsorted(kept, unique_sorted)
-            self._hi = hi[first]
-            self._lo = lo[first]
-        else:
-            self.records = np.zeros(0, dtype=RECORD_DTYPE)
-            self._sorted = np.zeros(0, dtype=np.int64)
-            self._hi = self._lo = np.zeros(0, dtype=np.uint64)
+            self._hi, self._lo = hi_sorted[first], lo_sorted[first]
+        else:  # the common case: every key once, no copy of the records
+            self.records = records
+            self._sorted = order
+            self._hi, self._lo = hi_sorted, lo[order]
 
     @classmethod
     def merge(cls, parts: list[tuple[np.ndarray, list[str]]]) -> KeyIndex:
@@ -49,9 +53,14 @@ class KeyIndex:
             for a in local_arrays:
                 if a not in arrays:
                     arrays.append(a)
+            if len(local_arrays) == 1 and mapping[0] == 0:
+                chunks.append(records)  # already numbered as in the merged table
+                continue
             remapped = records.copy()
             remapped["array"] = mapping[records["array"]]
             chunks.append(remapped)
+        if len(chunks) == 1:
+            return cls(chunks[0], arrays)
         merged = np.concatenate(chunks) if chunks else np.zeros(0, dtype=RECORD_DTYPE)
         return cls(merged, arrays)
 

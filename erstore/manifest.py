@@ -195,14 +195,14 @@ def decode_index(raw: bytes, where: str) -> tuple[np.ndarray, list[str]]:
         arrays, count = list(header["arrays"]), int(header["count"])
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptStoreError(f"{where} has a damaged header: {e}") from e
-    body = raw[fixed + header_len :]
+    body = memoryview(raw)[fixed + header_len :]  # no copy of a possibly large body
     if len(body) != count * RECORD_DTYPE.itemsize:
         raise CorruptStoreError(
             f"{where} should hold {count} records ({count * RECORD_DTYPE.itemsize} bytes) "
             f"but has {len(body)} bytes; the file is truncated or damaged"
         )
     records = np.frombuffer(body, dtype=RECORD_DTYPE)
-    if count and int(records["array"].max()) >= len(arrays):
+    if count and int(np.ascontiguousarray(records["array"]).max()) >= len(arrays):
         raise CorruptStoreError(f"{where} points at an array outside its header")
     return records, arrays
 
