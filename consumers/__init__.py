@@ -9,7 +9,9 @@
 
 Modules: `tail` (load_tail, the Tail base), one module per model family (registered in
 `registry`), `heads`, `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
-load, predict), `train`, `t5` (also the seq2seq reduced model). `erstore` never imports this package.
+load, predict), `train`, `recycle` (save-and-recycle training: compute in epoch 1, read after),
+`cross` (cross-model recycling: a larger model's stored states feed a smaller model),
+`t5` (also the seq2seq reduced model). `erstore` never imports this package.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from consumers.heads import (
     load_transformers_head,
     make_head,
 )
+from consumers.cross import CrossModel
+from consumers.recycle import RecycleReport, SaveAndRecycle, recipe_for, save_and_recycle
 from consumers.reduced import ReducedModel
 from consumers.registry import FAMILIES, tail_class
 from consumers.tail import Tail, load_tail
 from consumers.train import train
 
 __all__ = [
-    "FAMILIES", "BottleneckAdapter", "MLPHead", "QuestionAnsweringHead", "ReducedModel",
-    "SequenceClassificationHead", "Tail", "TokenClassificationHead", "add_adapters", "add_lora",
-    "load_tail", "load_transformers_head", "make_head", "tail_class", "train", "trainable_state_dict",
+    "FAMILIES", "BottleneckAdapter", "CrossModel", "MLPHead", "QuestionAnsweringHead", "RecycleReport",
+    "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
+    "add_adapters", "add_lora", "load_tail", "load_transformers_head", "make_head", "recipe_for",
+    "save_and_recycle", "tail_class", "train", "trainable_state_dict",
 ]

@@ -30,13 +30,21 @@ FORMAT_VERSION = 1
 KIND = {cls: name for name, cls in HEADS.items()}
 
 
-def round_trip(codec: Any, states: np.ndarray) -> np.ndarray:
+def build_params(store: Any) -> dict[str, Any] | None:
+    """Codec parameters (e.g. int8 channel scales) of the store's newest build; None if empty."""
+    if store is None or not store.index.arrays:
+        return None
+    return store._array(len(store.index.arrays) - 1).params
+
+
+def round_trip(codec: Any, states: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
     """States as the store would return them, so a hit and a miss give the same answer.
 
-    Exact for lossless codecs; a quantizing codec is fitted on this one sequence here, whereas a
-    build fits it on a sample of its batch, so those can differ by the quantization step.
+    Exact for lossless codecs. A quantizing codec uses `params` (the store's build parameters,
+    see `build_params`); only a store without any build fits them on this sequence.
     """
-    params = codec.fit(states)
+    if params is None:
+        params = codec.fit(states)
     return np.asarray(codec.decode(codec.encode(states, params), params))
 
 
@@ -170,6 +178,7 @@ class ReducedModel(nn.Module):
                     todo[key] = (key, ids, b, [recipe.layer])
         computed: dict[str, np.ndarray] = {}
         if todo:
+            params = build_params(store)
             extractor = self._extractor_for(recipe)
             for batch in length_batches(list(todo.values()), 32):
                 ids = torch.tensor([t[1] for t in batch])
@@ -182,11 +191,14 @@ class ReducedModel(nn.Module):
                 out = extractor(ids, torch.ones_like(ids), types, [recipe.layer])[recipe.layer]
                 for row, t in enumerate(batch):
                     computed[t[0]] = out[row].float().numpy()
-                    states[t[0]] = round_trip(store.codec, computed[t[0]])
+                    if params is None:  # an empty store: fit once, on the first computed sequence
+                        params = store.codec.fit(computed[t[0]])
+                    states[t[0]] = round_trip(store.codec, computed[t[0]], params)
             if write_back:
                 from erstore.writer import StoreWriter
 
                 with StoreWriter(store.location.url, recipe) as writer:
+                    writer._params = params  # encode as returned above, so a later hit equals this miss
                     for key, ids, b, _ in todo.values():
                         writer.append(key, computed[key], np.asarray(ids), boundary=b)
                     writer.commit(build={"source": "consumers.predict", "computed": len(todo)})

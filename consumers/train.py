@@ -1,15 +1,20 @@
 """A plain PyTorch training loop for a reduced model on a store.
 
 Only parameters with requires_grad train: after `add_adapters`/`add_lora` that is adapters and
-head; on a bare ReducedModel it is the whole tail and head (the paper's "R" setting). For
+head; on a bare ReducedModel it is the whole tail and head (the paper's "R" setting).
+
+`train` takes either a store with keys and labels (it builds a `consumers.data` loader), or any
+iterable of batches whose fields the model's forward accepts, e.g. `store.loader(...)` from
+`erstore.torchdata` (prefetching, block-shuffled, resumable) or a torch DataLoader. For
 `transformers.Trainer`, pass `consumers.data.StoreDataset` as train_dataset and
 `consumers.data.PadCollate()` as data_collator: ReducedModel.forward takes the collate's keys
-and returns a loss.
+and returns a loss. Save-and-recycle training (states computed in epoch 1, read afterwards) is
+in `consumers.recycle`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -17,24 +22,58 @@ import torch
 from consumers.data import loader
 
 
-def train(model: torch.nn.Module, store: Any, keys: Sequence[str], labels: Sequence[Any], *,
-          epochs: int = 1, batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 0.0,
-          seed: int = 0) -> list[float]:
-    """Train in place with AdamW; returns the loss of every step."""
-    torch.manual_seed(seed)
+def make_optimizer(model: torch.nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require grad; ValueError if there are none."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter of the model is frozen")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    data = loader(store, keys, labels, batch_size=batch_size, shuffle=True, seed=seed)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> float:
+    """One optimisation step on one batch (the model's forward must return a loss); returns it."""
+    loss = model(**batch)["loss"]
+    if loss is None:
+        raise ValueError("the batch has no labels, so the model returned no loss; pass labels")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train(model: torch.nn.Module, data: Any, keys: Sequence[str] | None = None,
+          labels: Sequence[Any] | None = None, *, epochs: int = 1, batch_size: int = 16, lr: float = 1e-3,
+          weight_decay: float = 0.0, seed: int = 0,
+          optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+    """Train in place with AdamW; returns the loss of every step.
+
+    Args:
+        data: an `erstore.Store` (then `keys` and `labels`, one label per key, are required), or
+            an iterable of batches such as `store.loader(labels=..., shuffle=True)`; it is
+            iterated once per epoch (an erstore Loader moves on to its next epoch by itself).
+        optimizer: continue with this optimizer instead of a fresh AdamW(lr, weight_decay).
+
+    Example:
+        >>> with store.loader(labels=sequence_labels(store, rows, by="doc"), batch_size=32,
+        ...                   shuffle=True) as batches:
+        ...     train(model, batches, epochs=3)
+    """
+    torch.manual_seed(seed)
+    optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    if hasattr(data, "recipe") and hasattr(data, "read"):  # an erstore Store
+        if keys is None or labels is None:
+            raise ValueError("train(model, store, keys, labels): give the keys and one label per key, "
+                             "or pass store.loader(labels=...) instead of the store")
+        batches: Iterable[dict[str, Any]] = loader(data, keys, labels, batch_size=batch_size,
+                                                   shuffle=True, seed=seed)
+    elif keys is not None or labels is not None:
+        raise ValueError("keys and labels are only used with a store; a loader brings its own labels")
+    else:
+        batches = data
     losses: list[float] = []
     model.train()
     for _ in range(epochs):
-        for batch in data:
-            loss = model(**batch)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        for batch in batches:
+            losses.append(step(model, optimizer, batch))
     model.eval()
     return losses

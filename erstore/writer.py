@@ -86,9 +86,10 @@ def _array_meta_like(states_meta: dict[str, Any], chunk_rows: int) -> dict[str, 
 
 
 def _non_empty(folder: str) -> bool:
-    # Another writer creating the same store at this moment may have a probe file here.
+    # Another writer creating the same store at this moment may have its probe file or
+    # TensorStore's lock file of a half-written erstore.json here.
     with os.scandir(folder) as entries:
-        return any(not e.name.startswith(".probe-") for e in entries)
+        return any(not (e.name.startswith(".probe-") or e.name.endswith(".__lock")) for e in entries)
 
 
 def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:

@@ -1,0 +1,703 @@
+"""Choosing what to recycle: train a reduced model per candidate layer k and report the trade-off.
+
+    report = choose_layer("stores/minilm", task="classification", train="train.jsonl",
+                          dev="dev.jsonl", budget=Budget(epochs=2, seeds=(0, 1)))
+    print(report.table()); report.plot("layers.png"); report.to_dict()
+
+    python -m consumers.choose stores/minilm --task classification --train train.jsonl \
+        --dev dev.jsonl --epochs 2 --seeds 0,1 --adapters 64 --plot layers.png [--json]
+
+Given stores of several layers of one model over one corpus (a folder of `layer-K` stores as
+`erstore build --layer ...` writes it, or a list of stores), every candidate k gets a fresh
+reduced model (layers k..N-1 + head) trained under the same small budget for each seed, and the
+report gives the dev metric (mean and sample standard deviation over seeds), training seconds
+per epoch, inference seconds per batch, speedups over the reference and store bytes.
+
+The reference is the full transformers model fine-tuned end to end on the stored token ids
+(reference="auto" uses a layer-0 store instead when one is among the candidates; "none" makes
+the shallowest candidate the reference). `recommend` picks the deepest k whose mean metric is
+within `tolerance` points of the reference's.
+
+Metrics, in points (0-100): classification = accuracy per labelled document/text (logits of its
+windows averaged, as `ReducedModel.predict` does); ner = micro F1 over labelled tokens whose gold
+or predicted tag is not the O tag (token level, not seqeval entity level; a word in two
+overlapping windows counts twice); qa = span F1 over sub-token ids of the best span of a question's
+windows vs the gold answer's sub-tokens (SQuAD-style bag-of-tokens F1; exact match is reported too).
+
+Not here: hyper-parameter search (one lr for all candidates), early stopping, GPU timing
+discipline (timings are wall-clock on the given device, noisy on shared machines).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import erstore
+from consumers.adapters import add_adapters
+from consumers.data import PadCollate, loader
+from consumers.heads import head_for_tail
+from consumers.reduced import ReducedModel
+from consumers.tail import load_tail
+from erstore.errors import IncompatibleStoreError, InvalidInputError, KeyNotFoundError
+from erstore.labels import qa_labels, read_rows, sequence_labels, token_labels
+
+TASKS = ("classification", "ner", "qa")
+METRICS = {"classification": "accuracy", "ner": "token F1", "qa": "span F1"}
+SAME = ("model_fingerprint", "tokenizer_fingerprint", "max_length", "stride", "num_layers")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training budget every candidate gets (the same for all, so they compare)."""
+
+    epochs: int = 2
+    seeds: tuple[int, ...] = (0, 1)
+    max_train: int | None = 512  # labelled rows (documents / sentences / questions), first N
+    max_dev: int | None = 256
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    lr: float = 1e-4  # reduced fine-tuning and the full reference
+    adapter_lr: float = 1e-3  # head + adapters when adapters are compared
+    threads: int | None = None  # torch CPU threads during the run [default: torch's own]
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise InvalidInputError("epochs and batch sizes must be at least 1")
+        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
+            raise InvalidInputError(f"give one or more distinct seeds, got {self.seeds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seeds": list(self.seeds)}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row of the report: a candidate (or the reference) over all seeds."""
+
+    name: str
+    layer: int | None  # None: the full transformers model
+    adapters: int | None
+    metric: float  # mean over seeds, points
+    metric_std: float  # sample standard deviation over seeds (0 for one seed)
+    per_seed: dict[str, float]
+    extra: dict[str, float]  # e.g. QA exact match, mean over seeds
+    train_s_per_epoch: float
+    infer_s_per_batch: float
+    speedup: float | None  # training: reference s/epoch / this row's
+    infer_speedup: float | None
+    store_bytes: int
+    load_s: float  # loading and checking the model (0 for an adapter row: it shares its k's load)
+    wall_s: float  # load + every seed's training and evaluation
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    name: str | None  # None: no candidate is within tolerance
+    layer: int | None
+    reason: str
+
+
+@dataclass
+class Report:
+    task: str
+    metric_name: str
+    tolerance: float
+    budget: Budget
+    reference: Result
+    candidates: list[Result]
+    recommendation: Recommendation
+    train_examples: int
+    dev_examples: int
+    wall_s: float
+    stores: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metric": self.metric_name, "tolerance": self.tolerance,
+                "budget": self.budget.to_dict(), "reference": asdict(self.reference),
+                "candidates": [asdict(r) for r in self.candidates],
+                "recommendation": asdict(self.recommendation), "train_examples": self.train_examples,
+                "dev_examples": self.dev_examples, "wall_s": round(self.wall_s, 2), "stores": self.stores}
+
+    def table(self) -> str:
+        """The terminal table, the recommendation and its reasoning."""
+        head = (f"{'candidate':<16} {self.metric_name + ' (mean±sd)':>22} {'train s/ep':>10} "
+                f"{'infer ms/b':>10} {'speedup':>8} {'infer x':>8} {'store MB':>9} {'wall s':>7}")
+        lines = [head, "-" * len(head)]
+        for r in [self.reference, *self.candidates]:
+            sp = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+            isp = "-" if r.infer_speedup is None else f"{r.infer_speedup:.2f}x"
+            lines.append(f"{r.name:<16} {f'{r.metric:.2f} ± {r.metric_std:.2f}':>22} "
+                         f"{r.train_s_per_epoch:>10.2f} {r.infer_s_per_batch * 1e3:>10.1f} {sp:>8} "
+                         f"{isp:>8} {r.store_bytes / 1e6:>9.1f} {r.wall_s:>7.1f}")
+        b = self.budget
+        lines += ["", f"budget: {b.epochs} epoch(s), seeds {list(b.seeds)}, {self.train_examples} train / "
+                  f"{self.dev_examples} dev windows, batch {b.batch_size}, lr {b.lr:g}"
+                  + (f", adapter lr {b.adapter_lr:g}" if any(r.adapters for r in self.candidates) else "")
+                  + f"; total wall time {self.wall_s:.1f} s", "", self.recommendation.reason]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG of metric vs training speedup (error bars: sd over seeds); matplotlib if installed."""
+        return plot(self, path)
+
+
+# -- the rule -----------------------------------------------------------------------------------
+def recommend(candidates: Sequence[tuple[str, int, float]], reference: float, tolerance: float = 0.5, *,
+              reference_name: str = "reference") -> Recommendation:
+    """The deepest k whose metric is >= reference - tolerance (ties at one k: the best metric).
+
+    candidates: (name, layer k, mean metric in points). Returns a Recommendation whose reason
+    names every candidate's difference to the reference.
+    """
+    if tolerance < 0:
+        raise InvalidInputError(f"tolerance must be >= 0 points, got {tolerance}")
+    floor = reference - tolerance
+    lines = [f"rule: the deepest layer k whose metric is within {tolerance:g} points of "
+             f"{reference_name} ({reference:.2f}), i.e. >= {floor:.2f}"]
+    ok = []
+    for name, layer, metric in sorted(candidates, key=lambda c: (c[1], c[0])):
+        good = metric >= floor - 1e-9
+        lines.append(f"  {name:<16} {metric:7.2f} ({metric - reference:+.2f}) "
+                     f"{'within' if good else 'outside'} tolerance")
+        if good:
+            ok.append((layer, metric, name))
+    if not ok:
+        lines.append(f"-> no candidate is within tolerance: keep {reference_name}, or raise the "
+                     "budget / tolerance")
+        return Recommendation(None, None, "\n".join(lines))
+    layer, metric, name = max(ok, key=lambda c: (c[0], c[1]))
+    lines.append(f"-> recycle layer {layer}: {name} is the deepest candidate within tolerance "
+                 f"({metric:.2f} vs {reference:.2f})")
+    return Recommendation(name, layer, "\n".join(lines))
+
+
+# -- stores and labelled data ---------------------------------------------------------------------
+def resolve_stores(sources: str | Path | erstore.Store | Iterable[Any]) -> list[erstore.Store]:
+    """Open stores, expanding a folder of `layer-K` stores; sorted by layer, one recipe family."""
+    items = [sources] if isinstance(sources, (str, Path, erstore.Store)) else list(sources)
+    stores: list[erstore.Store] = []
+    for item in items:
+        if isinstance(item, erstore.Store):
+            stores.append(item)
+        elif Path(item).is_dir() and not (Path(item) / "erstore.json").exists():
+            found = sorted(p for p in Path(item).glob("layer-*") if (p / "erstore.json").exists())
+            if not found:
+                raise InvalidInputError(f"{item} is neither a store nor a folder of layer-K stores")
+            stores += [erstore.open(str(p)) for p in found]
+        else:
+            stores.append(erstore.open(str(item)))
+    stores.sort(key=lambda s: s.recipe.layer)
+    first = stores[0].recipe
+    for s in stores[1:]:
+        for name in SAME:
+            if getattr(s.recipe, name) != getattr(first, name):
+                raise IncompatibleStoreError(
+                    f"{s.location.url} has {name}={getattr(s.recipe, name)!r} but "
+                    f"{stores[0].location.url} has {getattr(first, name)!r}; compare stores of one "
+                    "model and tokenizer built over one corpus (one `erstore build --layer ...`)")
+        if s.recipe.layer in [t.recipe.layer for t in stores if t is not s]:
+            raise InvalidInputError(f"two stores hold layer {s.recipe.layer}; give each layer once")
+    return stores
+
+
+@dataclass
+class Data:
+    """Training windows and dev groups, keyed by store key (the same in every candidate store)."""
+
+    train_keys: list[str]
+    train_labels: list[Any]
+    dev_keys: list[str]  # every dev window, in evaluation order
+    dev: list[Any]  # per task: (window indices, label) | window labels | (window indices, gold ids)
+    num_labels: int
+    tokens: dict[str, tuple[np.ndarray, int]]  # key -> (token ids, pair boundary)
+    label_to_id: dict[Any, int]
+
+
+def prepare(store: erstore.Store, task: str, train: Any, dev: Any, budget: Budget, *, by: str = "doc",
+            id_field: str = "id", text_field: str = "text", pair_field: str | None = None,
+            label_field: str = "label", tokens_field: str = "tokens", tags_field: str = "ner_tags",
+            question_field: str = "question", context_field: str = "context",
+            answers_field: str = "answers", label_to_id: dict[Any, int] | None = None) -> Data:
+    """Join train/dev rows (dicts or JSONL paths) to the store's windows with erstore.labels."""
+    if task not in TASKS:
+        raise InvalidInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    rows = {"train": read_rows(train)[: budget.max_train], "dev": read_rows(dev)[: budget.max_dev]}
+    if not rows["train"] or not rows["dev"]:
+        raise InvalidInputError("both the train and the dev split need at least one labelled row")
+    col = label_field if task == "classification" else tags_field
+    if label_to_id is None and task != "qa":
+        missing = next((r for r in rows["train"] + rows["dev"] if col not in r), None)
+        if missing is not None:
+            raise InvalidInputError(f"a row has no field {col!r} (fields: {', '.join(sorted(missing))}); "
+                                    "name the label field with label_field / tags_field")
+        values = {v for r in rows["train"] + rows["dev"] for v in ([r[col]] if task == "classification" else r[col])}
+        if any(isinstance(v, str) for v in values):  # names: ids in sorted order
+            label_to_id = {v: i for i, v in enumerate(sorted(values, key=str))}
+        else:
+            label_to_id = {v: int(v) for v in values}
+    label_to_id = label_to_id or {}
+    num_labels = max(label_to_id.values(), default=1) + 1 if task != "qa" else 2
+    if task == "classification":
+        join = {"by": by, "field": label_field, "id_field": id_field, "text_field": text_field,
+                "pair_field": pair_field, "label_to_id": label_to_id}
+        train_map = sequence_labels(store, rows["train"], **join)
+        dev_keys, groups = [], []
+        for r in rows["dev"]:
+            single = sequence_labels(store, [r], **join)
+            groups.append((list(range(len(dev_keys), len(dev_keys) + len(single))),
+                           label_to_id[r[label_field]]))
+            dev_keys += list(single)
+    elif task == "ner":
+        opts = {"words_field": tokens_field, "labels_field": tags_field, "label_to_id": label_to_id}
+        train_map = token_labels(store, rows["train"], **opts)
+        dev_map = token_labels(store, rows["dev"], **opts)
+        dev_keys, groups = list(dev_map), [v["labels"] for v in dev_map.values()]
+    else:
+        opts = {"question_field": question_field, "context_field": context_field, "answers_field": answers_field}
+        train_map = qa_labels(store, rows["train"], **opts)
+        dev_keys, spans = [], []
+        for r in rows["dev"]:
+            single = qa_labels(store, [r], **opts)
+            spans.append((list(range(len(dev_keys), len(dev_keys) + len(single))), list(single.values())))
+            dev_keys += list(single)
+    tokens = {e.key: (np.asarray(e.token_ids, dtype=np.int64), e.boundary)
+              for e in store.read(sorted(set(train_map) | set(dev_keys)))}
+    if task == "qa":
+        groups = []
+        for idx, labels in spans:
+            gold = next((tokens[dev_keys[i]][0][lab["start_positions"]: lab["end_positions"] + 1]
+                         for i, lab in zip(idx, labels) if lab["start_positions"] > 0), None)
+            if gold is not None:  # a question whose answer fits in no window is not scored
+                groups.append((idx, gold))
+        train_labels = [(v["start_positions"], v["end_positions"]) for v in train_map.values()]
+    else:
+        train_labels = [v["labels"] for v in train_map.values()]
+    return Data(list(train_map), train_labels, dev_keys, groups, num_labels, tokens, label_to_id)
+
+
+# -- metrics (points) -----------------------------------------------------------------------------
+def accuracy(logits: list[np.ndarray], groups: list[tuple[list[int], int]]) -> float:
+    hits = [int(np.mean([logits[i] for i in idx], axis=0).argmax() == gold) for idx, gold in groups]
+    return 100.0 * float(np.mean(hits))
+
+
+def token_f1(logits: list[np.ndarray], gold: list[np.ndarray], *, o_label: int = 0) -> float:
+    """Micro F1 over labelled tokens, counting a tag as positive when it is not `o_label`."""
+    tp = pred_pos = gold_pos = 0
+    for lg, g in zip(logits, gold):
+        g = np.asarray(g)
+        m = g != -100
+        p, g = lg[: len(g)].argmax(-1)[m], g[m]
+        tp += int(((p == g) & (g != o_label)).sum())
+        pred_pos += int((p != o_label).sum())
+        gold_pos += int((g != o_label).sum())
+    return 200.0 * tp / (pred_pos + gold_pos) if pred_pos + gold_pos else 100.0
+
+
+def best_span(logits: np.ndarray, boundary: int, length: int, max_answer: int = 30) -> tuple[float, int, int]:
+    """(score, start, end) of the best context span of one window (context: boundary..length-2)."""
+    lo, hi = max(boundary, 1), length - 1
+    s, e = logits[lo:hi, 0], logits[lo:hi, 1]
+    if len(s) == 0:
+        return -math.inf, 0, 0
+    score = s[:, None] + e[None, :]
+    n = len(s)
+    valid = np.triu(np.ones((n, n), bool)) & ~np.triu(np.ones((n, n), bool), max_answer)
+    score = np.where(valid, score, -np.inf)
+    a, b = np.unravel_index(int(score.argmax()), score.shape)
+    return float(score[a, b]), lo + int(a), lo + int(b)
+
+
+def span_scores(logits: list[np.ndarray], groups: list, keys: list[str],
+                tokens: dict[str, tuple[np.ndarray, int]]) -> tuple[float, float]:
+    """(span F1, exact match) over questions, comparing sub-token ids."""
+    f1s, ems = [], []
+    for idx, gold in groups:
+        spans = [(best_span(logits[i], tokens[keys[i]][1], len(tokens[keys[i]][0])), i) for i in idx]
+        (_, a, b), i = max(spans, key=lambda t: t[0][0])
+        pred = tokens[keys[i]][0][a: b + 1]
+        common = sum(min(np.sum(pred == t), np.sum(gold == t)) for t in set(pred.tolist()))
+        f1s.append(0.0 if common == 0 else 2 * common / (len(pred) + len(gold)))
+        ems.append(float(len(pred) == len(gold) and bool(np.all(pred == gold))))
+    return 100.0 * float(np.mean(f1s)), 100.0 * float(np.mean(ems))
+
+
+def score(task: str, logits: list[np.ndarray], data: Data, o_label: int) -> tuple[float, dict[str, float]]:
+    if task == "classification":
+        return accuracy(logits, data.dev), {}
+    if task == "ner":
+        return token_f1(logits, data.dev, o_label=o_label), {}
+    f1, em = span_scores(logits, data.dev, data.dev_keys, data.tokens)
+    return f1, {"exact_match": em}
+
+
+# -- models ---------------------------------------------------------------------------------------
+HEAD_TASK = {"classification": "sequence", "ner": "token", "qa": "qa"}
+
+
+class _Identity(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden_states
+
+
+class FullModel(nn.Module):
+    """The reference: the whole transformers base model + the same head, on token ids."""
+
+    def __init__(self, base: nn.Module, head: nn.Module, token_types: bool):
+        super().__init__()
+        self.base, self.token_types = base, token_types
+        self.reduced = ReducedModel(_Identity(), head)  # reuses the reduced model's losses
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, **labels: Any) -> Any:
+        extra = {"token_type_ids": token_type_ids} if self.token_types else {}
+        h = self.base(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return self.reduced(h, attention_mask, **labels)
+
+
+class IdCollate:
+    """Pads stored token ids (and labels) for the full model: input_ids, attention_mask, token types."""
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(it["ids"]) for it in items)
+        ids = torch.zeros(len(items), length, dtype=torch.long)
+        mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
+        for row, it in enumerate(items):
+            ids[row, : len(it["ids"])] = torch.from_numpy(it["ids"])
+            mask[row, : len(it["ids"])] = 1
+            if it["boundary"]:
+                types[row, it["boundary"]: len(it["ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if "label" in items[0]:
+            batch.update(PadCollate().labels([it["label"] for it in items], length))
+        return batch
+
+
+class Runner:
+    """Makes fresh models of one row (reduced at layer k, or the full model) and feeds them batches."""
+
+    def __init__(self, name: str, task: str, store: erstore.Store, num_labels: int, *, full: bool = False,
+                 adapters: int | None = None, template: Runner | None = None):
+        self.name, self.task, self.store, self.num_labels = name, task, store, num_labels
+        self.full, self.adapters = full, adapters
+        start = time.perf_counter()
+        if template is not None:  # share the loaded weights of another row of the same store
+            self.template, self.load_s = template.template, 0.0
+            return
+        if full:
+            from consumers.registry import tail_class
+            from erstore.model import LayerExtractor
+
+            extractor = LayerExtractor(store.recipe.model_name)
+            if extractor.fingerprint != store.recipe.model_fingerprint:
+                raise IncompatibleStoreError(
+                    f"model {store.recipe.model_name!r} has fingerprint {extractor.fingerprint}, the "
+                    f"stores were built with {store.recipe.model_fingerprint}; load the same weights")
+            self.template: nn.Module = extractor.model
+            self.token_types = extractor.accepts_token_types()
+            # A zero-layer tail only to give the head its family style and pretrained pooler.
+            self.head_tail = tail_class(store.recipe.model_type).from_model(extractor.model, extractor.num_layers)
+        else:
+            self.template = load_tail(store)
+        self.load_s = time.perf_counter() - start
+
+    def make(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        kind = HEAD_TASK[self.task]
+        if self.full:
+            head = head_for_tail(kind, self.head_tail, self.num_labels)
+            return FullModel(copy.deepcopy(self.template), head, self.token_types)
+        tail = copy.deepcopy(self.template)
+        head = head_for_tail(kind, tail, self.num_labels)
+        if getattr(tail, "pooler", None) is not None:
+            tail.pooler = None  # as ReducedModel.for_store: the head has its own copy
+        model = ReducedModel(tail, head)
+        if self.adapters:
+            add_adapters(model, bottleneck=self.adapters)
+        return model
+
+    def train_batches(self, data: Data, budget: Budget, seed: int) -> Iterable[dict[str, Any]]:
+        if not self.full:
+            return loader(self.store, data.train_keys, data.train_labels, batch_size=budget.batch_size,
+                          shuffle=True, seed=seed)
+        items = [{"ids": data.tokens[k][0], "boundary": data.tokens[k][1], "label": lab}
+                 for k, lab in zip(data.train_keys, data.train_labels)]
+        return torch.utils.data.DataLoader(items, batch_size=budget.batch_size, shuffle=True,
+                                           collate_fn=IdCollate(),
+                                           generator=torch.Generator().manual_seed(seed))
+
+    def dev_batch(self, keys: list[str], data: Data) -> dict[str, torch.Tensor]:
+        """One dev batch, read from the store (reduced) or from the stored token ids (full)."""
+        if self.full:
+            return IdCollate()([{"ids": data.tokens[k][0], "boundary": data.tokens[k][1]} for k in keys])
+        return PadCollate()([{"states": e.states} for e in self.store.read(keys)])
+
+
+def fit(model: nn.Module, batches: Iterable[dict[str, Any]], *, epochs: int, lr: float, seed: int) -> list[float]:
+    """AdamW over trainable parameters (as consumers.train); returns seconds of each epoch."""
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    seconds = []
+    model.train()
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for batch in batches:
+            loss = model(**batch)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    model.eval()
+    return seconds
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, runner: Runner, data: Data, batch_size: int) -> tuple[list[np.ndarray], float]:
+    """Logits of every dev window (unpadded) and the mean seconds per batch (read + forward)."""
+    model.eval()
+    chunks = [data.dev_keys[i: i + batch_size] for i in range(0, len(data.dev_keys), batch_size)]
+    model(**runner.dev_batch(chunks[0], data))  # warm-up, untimed
+    out, seconds = [], 0.0
+    for keys in chunks:
+        start = time.perf_counter()
+        o = model(**runner.dev_batch(keys, data))
+        seconds += time.perf_counter() - start
+        values = o.logits if runner.task != "qa" else torch.stack([o.start_logits, o.end_logits], -1)
+        for row, key in enumerate(keys):
+            n = len(data.tokens[key][0])
+            out.append(values[row].numpy() if values.dim() == 2 else values[row, :n].numpy())
+    return out, seconds / len(chunks)
+
+
+def run_row(runner: Runner, data: Data, budget: Budget, *, o_label: int, layer: int | None,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    """Train and evaluate one row for every seed; raw numbers (speedups are added later)."""
+    start = time.perf_counter()
+    lr = budget.adapter_lr if runner.adapters else budget.lr
+    metrics, extras, epoch_s, batch_s = {}, [], [], []
+    for seed in budget.seeds:
+        model = runner.make(seed)
+        epoch_s += fit(model, runner.train_batches(data, budget, seed), epochs=budget.epochs, lr=lr, seed=seed)
+        logits, per_batch = evaluate(model, runner, data, budget.eval_batch_size)
+        batch_s.append(per_batch)
+        metrics[str(seed)], extra = score(runner.task, logits, data, o_label)
+        extras.append(extra)
+        progress(f"  {runner.name} seed {seed}: {metrics[str(seed)]:.2f}")
+    values = list(metrics.values())
+    return {"name": runner.name, "layer": layer, "adapters": runner.adapters,
+            "metric": float(np.mean(values)), "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": metrics,
+            "extra": {k: float(np.mean([e[k] for e in extras])) for k in (extras[0] if extras else {})},
+            "train_s_per_epoch": float(np.mean(epoch_s)), "infer_s_per_batch": float(np.mean(batch_s)),
+            "store_bytes": 0 if runner.full else int(runner.store.info()["bytes"]),
+            "load_s": runner.load_s, "wall_s": runner.load_s + time.perf_counter() - start}
+
+
+def choose_layer(stores: Any, *, task: str, train: Any, dev: Any, budget: Budget = Budget(),
+                 tolerance: float = 0.5, reference: str = "auto", adapters: int | None = None,
+                 o_label: int | None = None, progress: Callable[[str], None] | None = None,
+                 **join: Any) -> Report:
+    """Train a reduced model per candidate store (and the reference) and report the trade-off.
+
+    Args:
+        stores: a folder of `layer-K` stores, a store path, or a list of paths / open stores, all
+            of one model and tokenizer over one corpus.
+        task: classification (rows with an id/text and `label`), ner (`tokens` + `ner_tags`, string
+            or integer tags) or qa (SQuAD rows: question, context, answers; stores built from pairs).
+        train, dev: rows (dicts) or JSONL paths; `budget.max_train` / `max_dev` keep the first rows.
+        reference: "auto" (a layer-0 store if given, else "full"), "full" (the transformers model,
+            fine-tuned end to end on the stored token ids) or "none" (the shallowest candidate).
+        adapters: also train every candidate with Houlsby adapters of this bottleneck (frozen tail).
+        o_label: the NER tag id that counts as "outside" [default: id of "O" if tags are strings, else 0].
+        join: field names and join mode for `prepare` (by, id_field, text_field, label_field, ...).
+
+    Raises:
+        InvalidInputError / IncompatibleStoreError / KeyNotFoundError on bad stores or labels.
+    """
+    if reference not in ("auto", "full", "none"):
+        raise InvalidInputError(f"reference must be auto, full or none, got {reference!r}")
+    threads = torch.get_num_threads()
+    if budget.threads:
+        torch.set_num_threads(budget.threads)
+    try:
+        return _choose(stores, task, train, dev, budget, tolerance, reference, adapters, o_label,
+                       progress or (lambda _: None), join)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _choose(stores: Any, task: str, train: Any, dev: Any, budget: Budget, tolerance: float, reference: str,
+            adapters: int | None, o_label: int | None, say: Callable[[str], None], join: dict[str, Any]) -> Report:
+    start = time.perf_counter()
+    opened = resolve_stores(stores)
+    data = prepare(opened[0], task, train, dev, budget, **join)
+    for s in opened[1:]:
+        missing = [k for k, p in zip(data.dev_keys + data.train_keys, s.index.find(data.dev_keys + data.train_keys)) if p < 0]
+        if missing:
+            raise KeyNotFoundError(f"{len(missing)} labelled windows are not in {s.location.url}, e.g. "
+                                   f"{missing[0]}; build every candidate layer over the same corpus")
+    if o_label is None:
+        o_label = data.label_to_id.get("O", 0)
+    if reference == "auto":
+        reference = "store" if opened[0].recipe.layer == 0 else "full"
+    ref_store = None if reference == "full" else opened[0]
+    candidates = [s for s in opened if s is not ref_store]
+    say(f"{len(data.train_keys)} train / {len(data.dev_keys)} dev windows; "
+        f"{len(candidates)} candidate layer(s); reference: {reference}")
+    ref_name = "full model" if reference == "full" else f"k={opened[0].recipe.layer}"
+    runner = Runner(ref_name, task, opened[0], data.num_labels, full=reference == "full")
+    ref = run_row(runner, data, budget, o_label=o_label, layer=None if reference == "full" else opened[0].recipe.layer,
+                  progress=say)
+    rows = []
+    for s in candidates:
+        k, loaded = s.recipe.layer, None
+        for bottleneck in (None, adapters) if adapters else (None,):
+            name = f"k={k}" + (f" +adapters{bottleneck}" if bottleneck else "")
+            loaded = Runner(name, task, s, data.num_labels, adapters=bottleneck, template=loaded)
+            rows.append(run_row(loaded, data, budget, o_label=o_label, layer=k, progress=say))
+
+    def finish(r: dict[str, Any], is_ref: bool) -> Result:
+        r["speedup"] = None if is_ref else ref["train_s_per_epoch"] / r["train_s_per_epoch"]
+        r["infer_speedup"] = None if is_ref else ref["infer_s_per_batch"] / r["infer_s_per_batch"]
+        return Result(**r)
+
+    reference_row = finish(dict(ref), True)
+    results = [finish(r, False) for r in rows]
+    rec = recommend([(r.name, r.layer, r.metric) for r in results], reference_row.metric, tolerance,
+                    reference_name=ref_name)
+    return Report(task, METRICS[task], tolerance, budget, reference_row, results, rec, len(data.train_keys),
+                  len(data.dev_keys), time.perf_counter() - start, [s.location.url for s in opened])
+
+
+# -- the plot -------------------------------------------------------------------------------------
+def plot(report: Report, path: str | Path) -> Path:
+    """Metric vs training speedup as a PNG (matplotlib/Agg, else a dependency-free dot plot)."""
+    path = Path(path)
+    rows = [report.reference, *report.candidates]
+    xs = [1.0 if r.speedup is None else r.speedup for r in rows]
+    floor = report.reference.metric - report.tolerance
+    try:
+        import matplotlib
+    except ImportError:
+        return write_dot_png(path, list(zip(xs, [r.metric for r in rows])), hline=floor)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for r, x in zip(rows, xs):
+        color = "black" if r is report.reference else ("tab:orange" if r.adapters else "tab:blue")
+        ax.errorbar([x], [r.metric], yerr=[r.metric_std], fmt="o", color=color, capsize=3)
+        ax.annotate(r.name, (x, r.metric), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(floor, ls="--", color="grey", lw=1, label=f"reference - {report.tolerance:g} points")
+    ax.set_xlabel("training speedup vs reference (s/epoch ratio)")
+    ax.set_ylabel(f"dev {report.metric_name} (points, mean ± sd over seeds)")
+    ax.set_title(f"{report.task}: metric vs speedup per recycled layer", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_dot_png(path: Path, points: list[tuple[float, float]], *, hline: float | None = None,
+                  size: tuple[int, int] = (480, 320)) -> Path:
+    """A minimal RGB PNG: axes, one dot per (x, y) point, a dashed horizontal line. No text."""
+    w, h = size
+    img = np.full((h, w, 3), 255, np.uint8)
+    xs, ys = [p[0] for p in points], [p[1] for p in points] + ([hline] if hline is not None else [])
+    x0, x1 = min(xs) - 0.1, max(xs) + 0.1
+    y0, y1 = min(ys) - 1.0, max(ys) + 1.0
+    px = lambda x: int(40 + (x - x0) / (x1 - x0) * (w - 60))  # noqa: E731
+    py = lambda y: int(h - 30 - (y - y0) / (y1 - y0) * (h - 50))  # noqa: E731
+    img[h - 30, 40: w - 20] = 0
+    img[20: h - 29, 40] = 0
+    if hline is not None:
+        for x in range(40, w - 20, 8):
+            img[py(hline), x: x + 4] = 128
+    for i, (x, y) in enumerate(points):
+        cx, cy = px(x), py(y)
+        img[max(cy - 3, 0): cy + 4, max(cx - 3, 0): cx + 4] = (0, 0, 0) if i == 0 else (31, 119, 180)
+    raw = b"".join(b"\x00" + img[row].tobytes() for row in range(h))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+    return path
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _cli() -> Any:
+    import click
+
+    @click.command(name="python -m consumers.choose")
+    @click.argument("stores", nargs=-1, required=True)
+    @click.option("--task", type=click.Choice(TASKS), required=True)
+    @click.option("--train", "train_path", required=True, help="Labelled training rows (JSONL).")
+    @click.option("--dev", "dev_path", required=True, help="Labelled dev rows (JSONL).")
+    @click.option("--by", type=click.Choice(["doc", "text", "key"]), default="doc", show_default=True,
+                  help="classification: join rows to windows by document id, text or key.")
+    @click.option("--id-field", default="id", show_default=True)
+    @click.option("--text-field", default="text", show_default=True)
+    @click.option("--label-field", default="label", show_default=True)
+    @click.option("--tokens-field", default="tokens", show_default=True)
+    @click.option("--tags-field", default="ner_tags", show_default=True)
+    @click.option("--epochs", type=int, default=Budget.epochs, show_default=True)
+    @click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds.")
+    @click.option("--max-train", type=int, default=Budget.max_train, show_default=True)
+    @click.option("--max-dev", type=int, default=Budget.max_dev, show_default=True)
+    @click.option("--batch-size", type=int, default=Budget.batch_size, show_default=True)
+    @click.option("--lr", type=float, default=Budget.lr, show_default=True)
+    @click.option("--adapter-lr", type=float, default=Budget.adapter_lr, show_default=True)
+    @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
+    @click.option("--tolerance", type=float, default=0.5, show_default=True, help="Points below the reference.")
+    @click.option("--reference", type=click.Choice(["auto", "full", "none"]), default="auto", show_default=True)
+    @click.option("--adapters", type=int, default=None, help="Also compare Houlsby adapters of this bottleneck.")
+    @click.option("--plot", "plot_path", default=None, help="Write metric vs speedup to this PNG.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+    def main(stores: tuple[str, ...], task: str, train_path: str, dev_path: str, seeds: str, epochs: int,
+             max_train: int, max_dev: int, batch_size: int, lr: float, adapter_lr: float, threads: int | None,
+             tolerance: float,
+             reference: str, adapters: int | None, plot_path: str | None, as_json: bool, **join: Any) -> None:
+        """Train a reduced model per stored layer under one budget and recommend a layer to recycle."""
+        try:
+            budget = Budget(epochs=epochs, seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+                            max_train=max_train, max_dev=max_dev, batch_size=batch_size, lr=lr,
+                            adapter_lr=adapter_lr, threads=threads)
+            report = choose_layer(list(stores), task=task, train=train_path, dev=dev_path, budget=budget,
+                                  tolerance=tolerance, reference=reference, adapters=adapters,
+                                  progress=None if as_json else lambda m: click.echo(m, err=True), **join)
+        except (erstore.ErstoreError, ValueError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        if plot_path:
+            report.plot(plot_path)
+        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+        if plot_path and not as_json:
+            click.echo(f"plot: {plot_path}")
+
+    return main
+
+
+main = _cli()
+
+if __name__ == "__main__":
+    main()
