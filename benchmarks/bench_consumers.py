@@ -16,8 +16,10 @@ Training, ms per step (AdamW, sequence-classification head, random labels):
   SR  save-and-recycle over --epochs epochs (epoch 1 computes layers 0..k and writes the fp16
       store, later epochs read it), total time / (epochs x batches): amortised
   R   recycle only: the fp16 store read by the prefetching Loader, layers k..N-1 trained
-Each speedup is also given as a fraction of the theoretical N/(N-k). Appends one JSON line to
-benchmarks/results.jsonl.
+Each speedup is also given as a fraction of the theoretical N/(N-k). Times are the best of the
+timed batches (after one untimed warm-up), with 1 torch thread by default (see
+benchmarks/README_consumers.md for why). Appends one JSON line to benchmarks/results.jsonl.
+Shorter runs: --models minilm, --training-only, --settings NR,R (or none).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def step_times(stamps: list[float]) -> list[float]:
     return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
-def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: Path) -> dict:
+def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: Path, *,
+                inference_too: bool = True, settings: tuple[str, ...] = ("NR", "F", "SR", "R")) -> dict:
     import torch
 
     from consumers import ReducedModel, SequenceClassificationHead, load_tail
@@ -142,11 +145,13 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
     # -- inference ------------------------------------------------------------------------------
     full = extractor.model.eval()
     mask = torch.ones(B, L, dtype=torch.long)
-    with torch.inference_mode():
-        full_ms = per_batch(lambda i: full(input_ids=ids[i], attention_mask=mask), nb)
-    tail = load_tail(full_store).eval()
-    inference = {"full_ms": round(full_ms, 1)}
-    for dtype, store in stores.items():
+    inference: dict = {}
+    if inference_too:
+        with torch.inference_mode():
+            full_ms = per_batch(lambda i: full(input_ids=ids[i], attention_mask=mask), nb)
+        tail = load_tail(full_store).eval()
+        inference["full_ms"] = round(full_ms, 1)
+    for dtype, store in (stores if inference_too else {}).items():
         ds = store.dataset(keys)
         collate = Collate()
 
@@ -168,9 +173,10 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
             inference[f"{dtype}_{mode}_ms"] = round(ms, 1)
             inference[f"{dtype}_{mode}_speedup"] = round(full_ms / ms, 3)
             inference[f"{dtype}_{mode}_of_theory"] = round(full_ms / ms / theory, 3)
-    out["inference"] = inference
-    print(f"[{name}] inference: {json.dumps(inference)}")
-    del tail
+    if inference_too:
+        out["inference"] = inference
+        print(f"[{name}] inference: {json.dumps(inference)}")
+        del tail
 
     # -- training -------------------------------------------------------------------------------
     class Full(torch.nn.Module):
@@ -189,16 +195,22 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
             h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return {"loss": torch.nn.functional.cross_entropy(self.head(h), labels)}
 
+    del full, extractor  # free the inference copy before training copies are made
+    if "NR" not in settings:  # NR is every training row's baseline: no NR, no training table
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        return out
     label_batches = [torch.tensor([labels[k] for k in keys[i * B : (i + 1) * B]]) for i in range(nb + 1)]
     training = {}
     for setting, frozen in (("NR", 0), ("F", layer)):
+        if setting not in settings:
+            continue
         torch.manual_seed(0)
         net = Full(LayerExtractor(model).model, frozen).train()
         opt = make_optimizer(net, lr=2e-5)
         training[f"{setting}_ms"] = round(per_batch(
             lambda i: step(net, opt, {"input_ids": ids[i], "attention_mask": mask, "labels": label_batches[i]}), nb), 1)
         del net, opt
-    fp16 = stores["float16"]
+    fp16 = erstore.open(str(root / "f16"))
     reduced = ReducedModel.for_store(fp16, task="sequence", num_labels=4).train()
     opt = make_optimizer(reduced, lr=2e-5)
     with fp16.loader(keys, labels=labels, batch_size=B, prefetch=2) as loader:
@@ -217,7 +229,12 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
     # Best-of per phase, like the other rows: epoch-1 steps (compute 0..k + write + train) and
     # later steps (read + train); the commit and the Loader start-up are in SR_total_ms only.
     first = min(step_times(stamps[0]) or [report.epochs[0]["seconds"] * 1e3 / nb])
-    later = min(t for e in range(1, epochs) for t in step_times(stamps[e])) if epochs > 1 and nb > 1 else first
+    if epochs == 1:
+        later = first
+    elif nb > 1:
+        later = min(t for e in range(1, epochs) for t in step_times(stamps[e]))
+    else:  # one batch per epoch: the whole epoch (includes starting the Loader)
+        later = min(e["seconds"] for e in report.epochs[1:]) * 1e3
     training["SR_ms"] = round((first + (epochs - 1) * later) / epochs, 1)
     training["SR_total_ms"] = round(sr_total * 1e3 / (epochs * nb), 1)
     training["SR_epoch1_ms"] = round(report.epochs[0]["seconds"] * 1e3 / nb, 1)
@@ -225,7 +242,7 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
         if epochs > 1 else None
     training["SR_epochs"] = epochs
     training["SR_total_speedup"] = round(training["NR_ms"] / training["SR_total_ms"], 3)
-    for setting in ("F", "SR", "R"):
+    for setting in [s for s in ("F", "SR", "R") if s in settings]:
         sp = training["NR_ms"] / training[f"{setting}_ms"]
         training[f"{setting}_speedup"] = round(sp, 3)
         training[f"{setting}_of_theory"] = round(sp / theory, 3)
@@ -244,6 +261,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, OpenMP barriers stall when another "
                          "process holds a core)")
+    ap.add_argument("--training-only", action="store_true", help="skip the inference table")
+    ap.add_argument("--settings", default="NR,F,SR,R", help="training settings to run; NR is the baseline, 'none' skips training")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "erstore-bench-consumers"))
     args = ap.parse_args()
 
@@ -262,7 +281,8 @@ def main() -> None:
     for name in args.models.split(","):
         model, layer, nb = specs[name]
         model = model or base_model(work / "bert-base-random")
-        results.append(bench_model(name, model, layer, nb, args.epochs, work))
+        results.append(bench_model(name, model, layer, nb, args.epochs, work, inference_too=not args.training_only,
+                                   settings=tuple(args.settings.split(","))))
     record("consumers", {"settings": {"batch": [B, L], "epochs": args.epochs, "threads": args.threads},
                          "results": results})
 
