@@ -9,6 +9,7 @@ plus one conditional write per commit (see `erstore.writer`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,12 +232,11 @@ class Location:
     def delete_prefix(self, prefix: str) -> None:
         self.kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).result()
         if self.is_local:  # the file driver leaves empty folders behind
-            folder = Path(self.spec["path"]) / prefix
-            for sub in sorted(folder.rglob("*"), reverse=True) if folder.is_dir() else []:
-                if sub.is_dir() and not any(sub.iterdir()):
-                    sub.rmdir()
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            for folder, _, _ in os.walk(Path(self.spec["path"]) / prefix, topdown=False):
+                # Not empty (a concurrent writer) or already gone (another rank or process
+                # cleaning the same prefix): either way there is nothing left for us to do.
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
     def size_of_prefix(self, prefix: str) -> int:
         """Bytes stored under `prefix` (local stat where possible, else by reading)."""
