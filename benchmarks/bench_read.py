@@ -6,7 +6,8 @@ Builds the store first if it does not exist (real MiniLM layer-3 states of the d
 fp16). Then, on the same stored bytes:
   numpy   reading the raw fp16 states uncompressed from one file in page cache (+ fp32 cast)
   zstd    zstd-1 decompression alone of the same data, in ~768 KiB blocks (the store's chunks)
-  loader  erstore Loader, sequential and block-shuffled, padded fp32 batches on CPU
+  loader  erstore Loader, sequential, block-shuffled, and block-shuffled with length buckets;
+          padded fp32 batches on CPU
   wait    a consumer computing >= 5 ms per batch (matmuls): mean time it waits for data
 GB/s are bytes of *decoded stored activations* (real tokens x d x 2 bytes for fp16), so every row
 compares the same work. Appends one JSON line to benchmarks/results.jsonl.
@@ -76,9 +77,10 @@ def main() -> None:
     dctx = zstandard.ZstdDecompressor()
     t_zstd = timed(lambda: [dctx.decompress(c) for c in compressed])
 
-    def run_loader(shuffle: bool) -> tuple[float, int]:
+    def run_loader(shuffle: bool, bucket: bool = False) -> tuple[float, int]:
         store_ = erstore.open(args.store)  # cold cache pool (file bytes stay in page cache)
-        with store_.loader(batch_size=args.batch_size, shuffle=shuffle, seed=0, prefetch=args.prefetch) as loader:
+        with store_.loader(batch_size=args.batch_size, shuffle=shuffle, seed=0, prefetch=args.prefetch,
+                           bucket_by_length=bucket) as loader:
             t = time.perf_counter()
             n = sum(len(b["keys"]) for b in loader)
             return time.perf_counter() - t, n
@@ -86,6 +88,7 @@ def main() -> None:
     run_loader(False)  # warm-up: page cache, imports
     t_seq = min(run_loader(False)[0] for _ in range(3))
     t_shuf = min(run_loader(True)[0] for _ in range(3))
+    t_bucket = min(run_loader(True, bucket=True)[0] for _ in range(3))
 
     # Consumer that computes: matmuls sized to take >= compute_ms per batch on this machine.
     a = torch.randn(512, 512)
@@ -123,6 +126,9 @@ def main() -> None:
         "loader_sequential_gbs": round(gbs(t_seq), 3), "loader_shuffled_gbs": round(gbs(t_shuf), 3),
         "loader_sequential_seq_s": round(len(store) / t_seq, 1),
         "loader_shuffled_seq_s": round(len(store) / t_shuf, 1),
+        "loader_shuffled_bucketed_gbs": round(gbs(t_bucket), 3),
+        "loader_shuffled_bucketed_seq_s": round(len(store) / t_bucket, 1),
+        "bucketed_over_zstd": round(t_zstd / t_bucket, 3),
         "shuffled_over_zstd": round(t_zstd / t_shuf, 3), "sequential_over_zstd": round(t_zstd / t_seq, 3),
         "consumer_compute_ms_mean": round(float(np.mean(computes)) * 1e3, 2),
         "consumer_wait_ms_mean": round(float(waits_ms.mean()), 3),
@@ -134,6 +140,7 @@ def main() -> None:
     print(f"{'zstd-1 decompress only':<28}{results['zstd_only_gbs']:>8.3f}")
     print(f"{'loader sequential':<28}{results['loader_sequential_gbs']:>8.3f}{results['loader_sequential_seq_s']:>10.0f}")
     print(f"{'loader shuffled (blocks)':<28}{results['loader_shuffled_gbs']:>8.3f}{results['loader_shuffled_seq_s']:>10.0f}")
+    print(f"{'loader shuffled + buckets':<28}{results['loader_shuffled_bucketed_gbs']:>8.3f}{results['loader_shuffled_bucketed_seq_s']:>10.0f}")
     print(f"shuffled / zstd bound: {results['shuffled_over_zstd']:.2f} (target >= 0.7)")
     print(f"consumer computing {results['consumer_compute_ms_mean']:.1f} ms/batch waits "
           f"{results['consumer_wait_ms_mean']:.3f} ms/batch on average (p95 {results['consumer_wait_ms_p95']:.3f} ms)")

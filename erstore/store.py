@@ -49,6 +49,26 @@ class Entry:
     boundary: int = 0
 
 
+class PendingRead:
+    """Reads issued by `Store.start_read`; `result()` waits for them and decodes, once."""
+
+    def __init__(self, store: Store, spans: list[list], futures: list[Any], keys: list[str],
+                 starts: list[int], stops: list[int], boundaries: list[int]):
+        self._store, self._spans, self._futures = store, spans, futures
+        self._keys, self._starts, self._stops, self._boundaries = keys, starts, stops, boundaries
+
+    def result(self) -> list[Entry]:
+        out: list[Entry] = [None] * len(self._keys)  # type: ignore[list-item]
+        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
+            parts = {name: f.result() for name, f in fs.items()}
+            s_rows = self._store.codec.decode(parts, self._store._array(slot).params)
+            t_rows = ft.result()
+            for i in members:
+                a, b = self._starts[i] - start, self._stops[i] - start
+                out[i] = Entry(self._keys[i], s_rows[a:b], t_rows[a:b], self._boundaries[i])
+        return out
+
+
 def read_meta(location: Location) -> StoreMeta:
     raw = location.read(STORE_FILE)
     if raw is None:
@@ -225,6 +245,14 @@ class Store:
         by one TensorStore read, and all reads go out as one `ts.Batch`: the ~0.1 ms per-call
         overhead otherwise dominates short sequences. Entries of one span are views of it.
         """
+        return self.start_read(positions, keys=keys).result()
+
+    def start_read(self, positions: np.ndarray, *, keys: list[str] | None = None) -> PendingRead:
+        """Issue the reads of `read_positions` and return at once; `.result()` waits and decodes.
+
+        TensorStore fetches and decompresses on its own threads, so a reader can prepare one
+        batch while the next is being read (what `erstore.torchdata.Loader` does).
+        """
         recs = self.index.records[np.asarray(positions, dtype=np.int64)]
         if keys is None:
             keys = [join_key(h, l) for h, l in zip(recs["hi"].tolist(), recs["lo"].tolist())]
@@ -242,18 +270,8 @@ class Store:
             else:
                 spans.append([slots[i], starts[i], stops[i], [i]])
         with ts.Batch() as batch:
-            futures = []
-            for slot, start, stop, _ in spans:
-                futures.append(self._array(slot).read(start, stop, batch))
-        out: list[Entry] = [None] * len(recs)  # type: ignore[list-item]
-        boundaries = recs["boundary"].tolist()
-        for (slot, start, _, members), (fs, ft) in zip(spans, futures):
-            parts = {name: f.result() for name, f in fs.items()}
-            s_rows, t_rows = self.codec.decode(parts, self._array(slot).params), ft.result()
-            for i in members:
-                a, b = starts[i] - start, stops[i] - start
-                out[i] = Entry(keys[i], s_rows[a:b], t_rows[a:b], boundaries[i])
-        return out
+            futures = [self._array(slot).read(start, stop, batch) for slot, start, stop, _ in spans]
+        return PendingRead(self, spans, futures, keys, starts, stops, recs["boundary"].tolist())
 
     def _array(self, slot: int) -> BuildArrays:
         handles = self._arrays.get(slot)

@@ -6,7 +6,8 @@ torch). Items and batches use the names transformers models expect:
     item:  hidden_states [L, d] float, input_ids [L], key, boundary, plus label fields
     batch: hidden_states [B, L, d], attention_mask [B, L], input_ids [B, L], keys, labels...
 
-`Loader` reads in one background thread: for each batch one batched storage read, decode into
+`Loader` reads in one background thread: for each batch one batched storage read (issued one
+batch ahead, so TensorStore fetches the next batch while this one is prepared), decode into
 the batch buffer, pad, pin (only when an accelerator exists) and, on CUDA, copy to the device on
 a side stream. The queue between thread and consumer is `prefetch` batches deep. Order comes from
 `erstore.shuffle.BatchPlan` (seeded, resumable, block-aware, sharded across ranks).
@@ -117,10 +118,14 @@ class StoreDataset(Dataset):
 
     def read_entries(self, indices: Sequence[int]) -> list[Entry]:
         """Entries (stored dtype, numpy) of dataset items `indices`, with one batched storage read."""
+        return self.start_read(indices).result()
+
+    def start_read(self, indices: Sequence[int]) -> Any:
+        """Issue the read of `read_entries(indices)`; the returned object's `.result()` waits."""
         positions = self.positions[np.asarray(indices, dtype=np.int64)]
         if _FORKED:
-            return self._forked_reader().read_positions(positions)
-        return self.store.read_positions(positions)
+            return _Done(self._forked_reader().read_positions(positions))
+        return self.store.start_read(positions)
 
     def _forked_reader(self) -> Any:
         if self._local is None:
@@ -164,6 +169,16 @@ class StoreDataset(Dataset):
         return items
 
 
+class _Done:
+    """An already finished read (the synchronous forked-worker path)."""
+
+    def __init__(self, entries: list[Entry]):
+        self.entries = entries
+
+    def result(self) -> list[Entry]:
+        return self.entries
+
+
 def _as_fields(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {"labels": value}
 
@@ -188,14 +203,15 @@ class Collate:
         if out is None:
             out = _Buffers(b, width, d, self.dtype)
         states, mask, ids = out.views(b, width)
-        mask.zero_()
+        # Whole-batch operations (a few per batch, not a few per item): one cast of all real
+        # tokens (torch casts fp16/bf16 fast, numpy does not), one scatter into the padded rows.
+        n_tokens = torch.tensor(lengths)
+        mask.copy_(torch.arange(width)[None, :] < n_tokens[:, None])
+        rows = mask.view(-1).nonzero().squeeze(1)
+        states.zero_()
+        states.view(-1, d).index_copy_(0, rows, _concat([it["hidden_states"] for it in items]).to(states.dtype))
         ids.fill_(self.pad_token_id)
-        for i, (it, n) in enumerate(zip(items, lengths)):
-            states[i, :n].copy_(_tensor(it["hidden_states"]))  # torch casts fp16/bf16 fast (numpy does not)
-            if n < width:
-                states[i, n:].zero_()
-            mask[i, :n] = 1
-            ids[i, :n].copy_(_tensor(it["input_ids"]))
+        ids.view(-1).index_copy_(0, rows, _concat([it["input_ids"] for it in items]).to(torch.long))
         batch: dict[str, Any] = {"hidden_states": states, "attention_mask": mask, "input_ids": ids,
                                  "keys": [it["key"] for it in items]}
         if "boundary" in items[0]:
@@ -219,6 +235,13 @@ class Collate:
             return torch.from_numpy(np.stack(arrays))
         except (ValueError, TypeError):
             return values
+
+
+def _concat(values: list[Any]) -> torch.Tensor:
+    """Row-concatenation of numpy arrays or tensors, as one tensor."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(values)
+    return _tensor(np.concatenate([np.asarray(v) for v in values]))
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -369,10 +392,15 @@ class _Producer:
         # pool, and small parallel copies on a busy 2-core box cost ~10 ms each, not ~50 us.
         torch.set_num_threads(1)
         try:
-            for idx in self.batches:
+            # One batch of look-ahead: TensorStore reads batch j+1 on its own threads while this
+            # thread decodes, pads and copies batch j.
+            pending = self.dataset.start_read(self.batches[0]) if self.batches else None
+            for j, idx in enumerate(self.batches):
                 if stop.is_set():
                     return
-                entries = self.dataset.read_entries(idx)
+                entries = pending.result()
+                if j + 1 < len(self.batches):
+                    pending = self.dataset.start_read(self.batches[j + 1])
                 items = [{"hidden_states": e.states, "input_ids": e.token_ids, "key": e.key,
                           "boundary": e.boundary} for e in entries]
                 if self.dataset.fields is not None:
