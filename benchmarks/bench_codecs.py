@@ -7,7 +7,8 @@ same states through every codec into its own real store and read them back. For 
   (layers 3..5 via `consumers.load_tail`) and of a trained classifier's logits, argmax agreement;
 - bytes per value on disk (codes, scales, index and metadata included), ratio to the paper's fp16
   (2 bytes per value, padded, uncompressed);
-- encode and decode GB/s (of float32 activations, in memory, one thread) and delivered reader
+- encode and decode GB/s (of float32 activations, in memory, one thread; decode ends in float32,
+  as the reader delivers) and delivered reader
   throughput (GB/s of decoded activations from `store.read` in batches of 64, page cache warm).
 
 The classifier: which of the `--classes` most frequent stdlib packages a paragraph comes from
@@ -133,7 +134,7 @@ def main() -> None:
             parts = codec.encode(all_states, params)
             enc_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            codec.decode(parts, params)
+            np.asarray(codec.decode(parts, params), dtype=np.float32)  # what the reader hands on
             dec_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             got = []

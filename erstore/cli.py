@@ -68,7 +68,8 @@ def main() -> None:
               show_default=True)
 @click.option("--codec", default="lossless", show_default=True,
               help="lossless | shuffle (byte-shuffled lossless) | int8[:scales=token|channel|both] | "
-              "int4[:group=64]; lossless forms store --dtype.")
+              "int4[:group=64] | entropy[:step=0.2]; lossless forms store --dtype "
+              "(see docs/codecs.md).")
 @click.option("--max-length", type=int, default=None, help="Tokens per window [default: min(512, model limit)].")
 @click.option("--stride", type=int, default=None, help="Overlap between windows [default: max-length/4].")
 @click.option("--batch-size", type=int, default=32, show_default=True)

@@ -355,7 +355,8 @@ def codec_from_dict(data: dict[str, Any]) -> Codec:
 
 def parse_codec(text: str, *, dtype: str = "float16") -> Codec:
     """Read the CLI form: ``lossless``, ``shuffle``, ``int8[:scales=token|channel|both]``,
-    ``int4[:group=64]``, ``entropy[:step=0.2]`` (lossless forms use `dtype`)."""
+    ``int4[:group=64]``, ``entropy[:step=0.2]`` (lossless forms use `dtype` unless they name
+    one, as in ``shuffle:dtype=bfloat16``)."""
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -366,9 +367,9 @@ def parse_codec(text: str, *, dtype: str = "float16") -> Codec:
         options[key] = _flag(value) if key in ("shuffle", "rotate") else _number(value.strip())
     try:
         if name == "lossless":
-            return LosslessCodec(dtype=dtype, **options)
+            return LosslessCodec(**{"dtype": dtype, **options})
         if name == "shuffle":
-            return LosslessCodec(dtype=dtype, shuffle=True, **options)
+            return LosslessCodec(**{"dtype": dtype, "shuffle": True, **options})
         if name in ("int8", "int4", "entropy"):
             return _CODECS[name](**options)
     except TypeError as e:

@@ -96,6 +96,8 @@ def test_quantizers_follow_outlier_channels_better_with_channel_scales():
 @pytest.mark.parametrize(("text", "expected"), [
     ("lossless", LosslessCodec("float16")),
     ("shuffle", LosslessCodec("float16", shuffle=True)),
+    ("shuffle:dtype=bfloat16", LosslessCodec("bfloat16", shuffle=True)),
+    ("lossless:dtype=float32,shuffle=1", LosslessCodec("float32", shuffle=True)),
     ("int8", Int8Codec("both")),
     ("int8:scales=token", Int8Codec("token")),
     ("int4:group=32", Int4Codec(32)),
@@ -107,7 +109,8 @@ def test_parse_codec(text, expected):
 
 
 @pytest.mark.parametrize("text", ["zip", "int4:group=3", "int4:group=24", "int8:scales=row", "int4:size=8",
-                                  "int4:group", "entropy:step=0", "entropy:step=x"])
+                                  "int4:group", "entropy:step=0", "entropy:step=x",
+                                  "lossless:dtype=float8"])
 def test_bad_codec_text_is_rejected(text):
     with pytest.raises(InvalidInputError):
         parse_codec(text)
