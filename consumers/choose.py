@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import statistics
-import struct
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +48,7 @@ import erstore
 from consumers.adapters import add_adapters
 from consumers.data import PadCollate, loader
 from consumers.heads import head_for_tail
+from consumers.metrics import accuracy, span_scores, token_f1
 from consumers.reduced import ReducedModel
 from consumers.tail import load_tail
 from erstore.errors import IncompatibleStoreError, InvalidInputError, KeyNotFoundError
@@ -152,7 +150,7 @@ class Report:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """PNG of metric vs training speedup (error bars: sd over seeds); matplotlib if installed."""
+        """PNG of metric vs training speedup (error bars: sd over seeds); needs matplotlib."""
         return plot(self, path)
 
 
@@ -290,53 +288,7 @@ def prepare(store: erstore.Store, task: str, train: Any, dev: Any, budget: Budge
     return Data(list(train_map), train_labels, dev_keys, groups, num_labels, tokens, label_to_id)
 
 
-# -- metrics (points) -----------------------------------------------------------------------------
-def accuracy(logits: list[np.ndarray], groups: list[tuple[list[int], int]]) -> float:
-    hits = [int(np.mean([logits[i] for i in idx], axis=0).argmax() == gold) for idx, gold in groups]
-    return 100.0 * float(np.mean(hits))
-
-
-def token_f1(logits: list[np.ndarray], gold: list[np.ndarray], *, o_label: int = 0) -> float:
-    """Micro F1 over labelled tokens, counting a tag as positive when it is not `o_label`."""
-    tp = pred_pos = gold_pos = 0
-    for lg, g in zip(logits, gold):
-        g = np.asarray(g)
-        m = g != -100
-        p, g = lg[: len(g)].argmax(-1)[m], g[m]
-        tp += int(((p == g) & (g != o_label)).sum())
-        pred_pos += int((p != o_label).sum())
-        gold_pos += int((g != o_label).sum())
-    return 200.0 * tp / (pred_pos + gold_pos) if pred_pos + gold_pos else 100.0
-
-
-def best_span(logits: np.ndarray, boundary: int, length: int, max_answer: int = 30) -> tuple[float, int, int]:
-    """(score, start, end) of the best context span of one window (context: boundary..length-2)."""
-    lo, hi = max(boundary, 1), length - 1
-    s, e = logits[lo:hi, 0], logits[lo:hi, 1]
-    if len(s) == 0:
-        return -math.inf, 0, 0
-    score = s[:, None] + e[None, :]
-    n = len(s)
-    valid = np.triu(np.ones((n, n), bool)) & ~np.triu(np.ones((n, n), bool), max_answer)
-    score = np.where(valid, score, -np.inf)
-    a, b = np.unravel_index(int(score.argmax()), score.shape)
-    return float(score[a, b]), lo + int(a), lo + int(b)
-
-
-def span_scores(logits: list[np.ndarray], groups: list, keys: list[str],
-                tokens: dict[str, tuple[np.ndarray, int]]) -> tuple[float, float]:
-    """(span F1, exact match) over questions, comparing sub-token ids."""
-    f1s, ems = [], []
-    for idx, gold in groups:
-        spans = [(best_span(logits[i], tokens[keys[i]][1], len(tokens[keys[i]][0])), i) for i in idx]
-        (_, a, b), i = max(spans, key=lambda t: t[0][0])
-        pred = tokens[keys[i]][0][a: b + 1]
-        common = sum(min(np.sum(pred == t), np.sum(gold == t)) for t in set(pred.tolist()))
-        f1s.append(0.0 if common == 0 else 2 * common / (len(pred) + len(gold)))
-        ems.append(float(len(pred) == len(gold) and bool(np.all(pred == gold))))
-    return 100.0 * float(np.mean(f1s)), 100.0 * float(np.mean(ems))
-
-
+# -- metrics (points; see consumers.metrics) ------------------------------------------------
 def score(task: str, logits: list[np.ndarray], data: Data, o_label: int) -> tuple[float, dict[str, float]]:
     if task == "classification":
         return accuracy(logits, data.dev), {}
@@ -587,19 +539,19 @@ def _choose(stores: Any, task: str, train: Any, dev: Any, budget: Budget, tolera
 
 # -- the plot -------------------------------------------------------------------------------------
 def plot(report: Report, path: str | Path) -> Path:
-    """Metric vs training speedup as a PNG (matplotlib/Agg, else a dependency-free dot plot)."""
+    """Metric vs training speedup as a PNG (matplotlib, from the `consumers` extra)."""
     path = Path(path)
     rows = [report.reference, *report.candidates]
     xs = [1.0 if r.speedup is None else r.speedup for r in rows]
     floor = report.reference.metric - report.tolerance
     try:
-        import matplotlib
-    except ImportError:
-        return write_dot_png(path, list(zip(xs, [r.metric for r in rows])), hline=floor)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    except ImportError as e:
+        raise InvalidInputError("plotting needs matplotlib: pip install 'erstore[consumers]' "
+                                "(or leave out --plot)") from e
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     for r, x in zip(rows, xs):
         color = "black" if r is report.reference else ("tab:orange" if r.adapters else "tab:blue")
         ax.errorbar([x], [r.metric], yerr=[r.metric_std], fmt="o", color=color, capsize=3)
@@ -611,36 +563,6 @@ def plot(report: Report, path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
-
-
-def write_dot_png(path: Path, points: list[tuple[float, float]], *, hline: float | None = None,
-                  size: tuple[int, int] = (480, 320)) -> Path:
-    """A minimal RGB PNG: axes, one dot per (x, y) point, a dashed horizontal line. No text."""
-    w, h = size
-    img = np.full((h, w, 3), 255, np.uint8)
-    xs, ys = [p[0] for p in points], [p[1] for p in points] + ([hline] if hline is not None else [])
-    x0, x1 = min(xs) - 0.1, max(xs) + 0.1
-    y0, y1 = min(ys) - 1.0, max(ys) + 1.0
-    px = lambda x: int(40 + (x - x0) / (x1 - x0) * (w - 60))  # noqa: E731
-    py = lambda y: int(h - 30 - (y - y0) / (y1 - y0) * (h - 50))  # noqa: E731
-    img[h - 30, 40: w - 20] = 0
-    img[20: h - 29, 40] = 0
-    if hline is not None:
-        for x in range(40, w - 20, 8):
-            img[py(hline), x: x + 4] = 128
-    for i, (x, y) in enumerate(points):
-        cx, cy = px(x), py(y)
-        img[max(cy - 3, 0): cy + 4, max(cx - 3, 0): cx + 4] = (0, 0, 0) if i == 0 else (31, 119, 180)
-    raw = b"".join(b"\x00" + img[row].tobytes() for row in range(h))
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path.write_bytes(png)
     return path
 
 

@@ -40,7 +40,7 @@ class BuildConfig:
     corpus: str = DEFAULT_CORPUS
     store: str | None = None  # default: ./stores/<model>-l<k>
     dtype: str = "float16"
-    codec: str = "lossless"  # lossless | shuffle | int8[:scales=...] | int4[:group=N]; see erstore.codecs
+    codec: str = "lossless"  # lossless | shuffle | int8[:scales=...] | int4[:group=N] | entropy[:step=S]; see docs/codecs.md
     max_length: int | None = None  # default: min(512, tokenizer limit)
     stride: int | None = None  # default: max_length // 4
     batch_size: int = 32

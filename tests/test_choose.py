@@ -13,14 +13,11 @@ import pytest
 import erstore
 from consumers.choose import (
     Budget,
-    accuracy,
     choose_layer,
     main,
     recommend,
-    span_scores,
-    token_f1,
-    write_dot_png,
 )
+from consumers.metrics import accuracy, span_scores, token_f1
 from tests.conftest import NER_ROWS, QA_ROWS, SENTENCES, write_jsonl
 
 WORDS = "red green blue cyan magenta yellow black white".split()
@@ -166,18 +163,6 @@ def test_metrics_on_constructed_numbers():
     assert (f1, em) == (100.0, 100.0)
     f1, em = span_scores([qa], [([0], np.array([5, 6]))], ["k"], {"k": (ids, 3)})
     assert (f1, em) == (50.0, 0.0)
-
-
-def test_dependency_free_png_writer(tmp_path):
-    path = write_dot_png(tmp_path / "dots.png", [(1.0, 80.0), (1.5, 79.0), (2.5, 60.0)], hline=79.5,
-                         size=(64, 48))
-    chunks = png_chunks(path)
-    width, height, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
-    assert (width, height, depth, colour) == (64, 48, 8, 2)
-    raw = zlib.decompress(b"".join(p for k, p in chunks if k == b"IDAT"))
-    assert len(raw) == height * (1 + 3 * width)
-    pixels = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)[:, 1:]
-    assert (pixels == 0).any() and (pixels == 255).any()  # axes/dots and background
 
 
 def test_cli_json_and_errors(layers, tmp_path):
