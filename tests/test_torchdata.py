@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import erstore
 from erstore.errors import ErstoreError
 from erstore.shuffle import BatchPlan
-from erstore.torchdata import Collate, Loader, StoreDataset
+from erstore.torchdata import Collate
 
 
 def prefetch_threads() -> list[threading.Thread]:
