@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,12 @@ def store_paths(config: BuildConfig, layers: list[int]) -> dict[int, str]:
     return {k: f"{root.rstrip('/')}/layer-{k}" for k in layers}
 
 
-def build(config: BuildConfig) -> list[BuildResult]:
-    """Build (or extend) one store per requested layer; return what each store got."""
+def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWriter) -> list[BuildResult]:
+    """Build (or extend) one store per requested layer; return what each store got.
+
+    `writer(path, recipe, **store_options)` makes each layer's writer; `erstore.distributed`
+    passes one that writes a rank's shard and commits collectively.
+    """
     clock = _Clock()
     docs = read_corpus(config.corpus, text_field=config.text_field, pair_field=config.pair_field,
                        id_field=config.id_field, limit=config.limit)
@@ -117,7 +122,7 @@ def build(config: BuildConfig) -> list[BuildResult]:
                 model_type=extractor.config.model_type, tokenizer_name=config.model,
                 config=extractor.config.to_diff_dict(),
             )
-            writers[k] = StoreWriter(path, recipe, **config.store_options)
+            writers[k] = writer(path, recipe, **config.store_options)
         windows = _tokenize(docs, windower, writers)
         todo = _missing(windows, writers)
         clock.lap("tokenize")

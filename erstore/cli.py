@@ -82,9 +82,12 @@ def main() -> None:
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
 @click.option("--region", default=None, help="S3 region [default: $AWS_REGION or us-east-1].")
 @_errors
-def build(**opts: Any) -> None:
+@click.pass_context
+def build(ctx: click.Context, **opts: Any) -> None:
     """Run a model over a corpus once and store layer-k hidden states as a new version."""
-    from erstore.builder import BuildConfig, build as run
+    from erstore.builder import BuildConfig, build as single_process
+
+    run = (ctx.obj or {}).get("build", single_process)  # erstore.distributed passes its own
     from erstore.corpus import DEFAULT_CORPUS
     from erstore.tokenize import DEFAULT_MODEL
 

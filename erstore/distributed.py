@@ -10,16 +10,14 @@ write-if-absent. If any rank fails, torchrun stops the others and rank 0 never c
 partial version appears; the durable rows stay journaled and the next run adopts them.
 
 The options are those of `erstore build` (`--model`, `--layer`, `--corpus`, `--store`, ...).
-The single-process build is unchanged; this module only swaps in `RankWriter` while it runs.
+The single-process build is unchanged; this module passes it a `RankWriter` factory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -92,19 +90,6 @@ class RankWriter(StoreWriter):
         return self._publish(fresh, added_bytes, info).to_json().decode()
 
 
-@contextlib.contextmanager
-def rank_writers(rank: int, world_size: int, group: Any = None) -> Iterator[None]:
-    """Make `erstore.builder.build` create `RankWriter`s while inside the block."""
-    import erstore.builder as builder
-
-    original = builder.StoreWriter
-    builder.StoreWriter = functools.partial(RankWriter, rank=rank, world_size=world_size, group=group)
-    try:
-        yield
-    finally:
-        builder.StoreWriter = original
-
-
 def build(config: Any) -> list[Any]:
     """Run `erstore.builder.build(config)` as one rank of a torch.distributed job (gloo)."""
     import torch.distributed as dist
@@ -113,8 +98,8 @@ def build(config: Any) -> list[Any]:
     if owned:
         dist.init_process_group("gloo")
     try:
-        with rank_writers(dist.get_rank(), dist.get_world_size()):
-            return _single_process_build(config)
+        writer = functools.partial(RankWriter, rank=dist.get_rank(), world_size=dist.get_world_size())
+        return _single_process_build(config, writer=writer)
     finally:
         if owned:
             dist.destroy_process_group()
@@ -122,15 +107,10 @@ def build(config: Any) -> list[Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: parse the `erstore build` options and build as one rank (every rank prints)."""
-    import erstore.builder as builder
     from erstore.cli import build as build_command
 
-    builder.build = build  # the CLI command looks up erstore.builder.build when it runs
-    try:
-        build_command.main(args=list(sys.argv[1:] if argv is None else argv),
-                           prog_name="erstore.distributed", standalone_mode=True)
-    finally:
-        builder.build = _single_process_build
+    build_command.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="erstore.distributed",
+                       standalone_mode=True, obj={"build": build})
 
 
 if __name__ == "__main__":
