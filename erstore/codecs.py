@@ -18,7 +18,8 @@ of a store's recipe, so one store never mixes codecs. Codecs are frozen dataclas
 
 Lossy codecs fit per-build parameters (channel scales) on the first flushed rows; they are saved
 next to the build's arrays. Each documents a per-element error bound (`error_bound`), checked by
-property tests. Decoding is numpy on the reader's thread; not here: GPU-side decoding.
+property tests. Decoding here is numpy; `erstore.torchcodecs` mirrors it in torch for loaders
+that decode on the GPU.
 
 Chunks hold a power-of-two number of token rows, about 768 KiB of codes each: big enough that
 zstd and per-call overhead amortise, small enough that a random sequence read touches one or two

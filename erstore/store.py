@@ -49,6 +49,21 @@ class Entry:
     boundary: int = 0
 
 
+@dataclass(frozen=True)
+class RawEntry:
+    """One stored sequence as its codec stored it: row-aligned parts (codes, scales...) and ids.
+
+    `params` are the codec parameters of the build that wrote it: `codec.decode(parts, params)`
+    gives the states. Readers that decode elsewhere (on a GPU) use these.
+    """
+
+    key: str
+    parts: dict[str, np.ndarray]
+    token_ids: np.ndarray
+    boundary: int
+    params: dict[str, Any]
+
+
 class PendingRead:
     """Reads issued by `Store.start_read`; `result()` waits for them and decodes, once."""
 
@@ -59,14 +74,28 @@ class PendingRead:
 
     def result(self) -> list[Entry]:
         out: list[Entry] = [None] * len(self._keys)  # type: ignore[list-item]
-        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
-            parts = {name: f.result() for name, f in fs.items()}
+        for slot, parts, t_rows, members in self._fetched():
             s_rows = self._store.codec.decode(parts, self._store._array(slot).params)
-            t_rows = ft.result()
-            for i in members:
-                a, b = self._starts[i] - start, self._stops[i] - start
+            for i, a, b in members:
                 out[i] = Entry(self._keys[i], s_rows[a:b], t_rows[a:b], self._boundaries[i])
         return out
+
+    def raw_result(self) -> list[RawEntry]:
+        """Like `result()`, without decoding: each sequence's stored parts and codec parameters."""
+        out: list[RawEntry] = [None] * len(self._keys)  # type: ignore[list-item]
+        for slot, parts, t_rows, members in self._fetched():
+            params = self._store._array(slot).params
+            for i, a, b in members:
+                out[i] = RawEntry(self._keys[i], {n: p[a:b] for n, p in parts.items()}, t_rows[a:b],
+                                  self._boundaries[i], params)
+        return out
+
+    def _fetched(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[int, int, int]]]]:
+        """Per span: its build slot, stored parts, token ids, and (member, first, end) rows in it."""
+        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
+            parts = {name: f.result() for name, f in fs.items()}
+            rows = [(i, self._starts[i] - start, self._stops[i] - start) for i in members]
+            yield slot, parts, ft.result(), rows
 
 
 def read_meta(location: Location) -> StoreMeta:

@@ -9,7 +9,10 @@ torch). Items and batches use the names transformers models expect:
 `Loader` reads in one background thread: for each batch one batched storage read (issued one
 batch ahead, so TensorStore fetches the next batch while this one is prepared), decode into
 the batch buffer, pad, pin (only when an accelerator exists) and, on CUDA, copy to the device on
-a side stream. The queue between thread and consumer is `prefetch` batches deep. Order comes from
+a side stream. With `decode_on_device` (default on CUDA) the thread instead copies the stored
+codes to the device and decodes and pads them there (`erstore.torchcodecs`), so the host-to-device
+copy carries 0.5-2 bytes per value instead of 4. The queue between thread and consumer is
+`prefetch` batches deep. Order comes from
 `erstore.shuffle.BatchPlan` (seeded, resumable, block-aware, sharded across ranks).
 
 `StoreDataset` also works in `torch.utils.data.DataLoader` with worker processes. TensorStore
@@ -20,6 +23,7 @@ Not here: model code, tokenisation (see erstore.labels), multi-store mixing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -33,7 +37,8 @@ from torch.utils.data import Dataset
 
 from erstore.errors import ErstoreError, InvalidInputError, KeyNotFoundError
 from erstore.shuffle import BatchPlan
-from erstore.store import Entry, Store
+from erstore import torchcodecs
+from erstore.store import Entry, RawEntry, Store
 
 LABEL_PAD = -100
 _FORKED = False  # set in children forked after this module was imported (TensorStore unusable)
@@ -203,17 +208,27 @@ class Collate:
         if out is None:
             out = _Buffers(b, width, d, self.dtype)
         states, mask, ids = out.views(b, width)
+        batch = self.frame(items, mask=mask, ids=ids)
         # Whole-batch operations (a few per batch, not a few per item): one cast of all real
         # tokens (torch casts fp16/bf16 fast, numpy does not), one scatter into the padded rows.
-        n_tokens = torch.tensor(lengths)
-        mask.copy_(torch.arange(width)[None, :] < n_tokens[:, None])
-        rows = mask.view(-1).nonzero().squeeze(1)
         states.zero_()
-        states.view(-1, d).index_copy_(0, rows, _concat([it["hidden_states"] for it in items]).to(states.dtype))
+        states.view(-1, d).index_copy_(0, real_rows(mask), _concat([it["hidden_states"] for it in items]).to(states.dtype))
+        return {"hidden_states": states, **batch}
+
+    def frame(self, items: Sequence[Mapping[str, Any]], *, mask: torch.Tensor | None = None,
+              ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """Everything of the batch but `hidden_states`: mask, padded ids, keys, boundaries, labels.
+
+        `mask` / `ids` are [B, L] long tensors to fill (default: new ones).
+        """
+        lengths = [len(it["input_ids"]) for it in items]
+        b, width = len(items), max(lengths)
+        mask = torch.empty(b, width, dtype=torch.long) if mask is None else mask
+        ids = torch.empty(b, width, dtype=torch.long) if ids is None else ids
+        mask.copy_(torch.arange(width)[None, :] < torch.tensor(lengths)[:, None])
         ids.fill_(self.pad_token_id)
-        ids.view(-1).index_copy_(0, rows, _concat([it["input_ids"] for it in items]).to(torch.long))
-        batch: dict[str, Any] = {"hidden_states": states, "attention_mask": mask, "input_ids": ids,
-                                 "keys": [it["key"] for it in items]}
+        ids.view(-1).index_copy_(0, real_rows(mask), _concat([it["input_ids"] for it in items]).to(torch.long))
+        batch: dict[str, Any] = {"attention_mask": mask, "input_ids": ids, "keys": [it["key"] for it in items]}
         if "boundary" in items[0]:
             batch["boundaries"] = torch.tensor([int(it["boundary"]) for it in items], dtype=torch.long)
         for name in items[0]:
@@ -235,6 +250,11 @@ class Collate:
             return torch.from_numpy(np.stack(arrays))
         except (ValueError, TypeError):
             return values
+
+
+def real_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the real (unpadded) token positions of a [B, L] mask, in row order."""
+    return mask.view(-1).nonzero().squeeze(1)
 
 
 def _concat(values: list[Any]) -> torch.Tensor:
@@ -289,6 +309,9 @@ class Loader:
             non_blocking on a side stream; batches arrive as device tensors.
         reuse_buffers: on CPU, hand out preallocated buffers that are overwritten `prefetch + 1`
             batches later (faster, but keep `.clone()`s of what you store). Default: False.
+        decode_on_device: copy the stored codes (int8 / 4-bit codes, float16 values...) to
+            `device` and decode them there with torch (`erstore.torchcodecs`), instead of decoding
+            with numpy on the host and copying float32 states. Default: on for CUDA devices.
 
     Example:
         with store.loader(batch_size=32, shuffle=True, seed=1) as loader:
@@ -300,7 +323,8 @@ class Loader:
                  seed: int = 0, drop_last: bool = False, bucket_by_length: bool = False,
                  block_rows: int | None = None, buffer_blocks: int = 16, rank: int | None = None,
                  world_size: int | None = None, prefetch: int = 2, device: str | torch.device | None = None,
-                 collate: Collate | None = None, reuse_buffers: bool = False):
+                 collate: Collate | None = None, reuse_buffers: bool = False,
+                 decode_on_device: bool | None = None):
         if prefetch < 1:
             raise InvalidInputError(f"prefetch must be at least 1, got {prefetch}")
         self.dataset = dataset if isinstance(dataset, StoreDataset) else StoreDataset(dataset)
@@ -318,6 +342,7 @@ class Loader:
         self.pin = self.device.type != "cpu" and torch.accelerator.is_available()
         self.collate = collate or Collate(dtype=ds.dtype)
         self.reuse_buffers = reuse_buffers or self.device.type != "cpu"
+        self.decode_on_device = self.device.type == "cuda" if decode_on_device is None else decode_on_device
         self.epoch, self.step = 0, 0
         self._running: weakref.WeakSet[_Epoch] = weakref.WeakSet()
 
@@ -386,6 +411,8 @@ class _Producer:
             self.free.put(_Buffers(loader.batch_size, width, d, loader.dataset.dtype, pin=self.pin))
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.on_device = loader.decode_on_device and not _FORKED  # forked readers decode on the host
+        self.codec = loader.dataset.store.codec if self.on_device else None
 
     def __call__(self, out: queue.Queue, stop: threading.Event) -> None:
         # One intra-op thread here (OpenMP settings are per thread): the consumer keeps the
@@ -398,14 +425,17 @@ class _Producer:
             for j, idx in enumerate(self.batches):
                 if stop.is_set():
                     return
+                if self.on_device:
+                    raw = pending.raw_result()
+                    if j + 1 < len(self.batches):
+                        pending = self.dataset.start_read(self.batches[j + 1])
+                    if not _put(out, stop, (self._decode_on_device(raw, idx), None)):
+                        return
+                    continue
                 entries = pending.result()
                 if j + 1 < len(self.batches):
                     pending = self.dataset.start_read(self.batches[j + 1])
-                items = [{"hidden_states": e.states, "input_ids": e.token_ids, "key": e.key,
-                          "boundary": e.boundary} for e in entries]
-                if self.dataset.fields is not None:
-                    for item, i in zip(items, idx.tolist()):
-                        item.update(self.dataset.fields[i])
+                items = self._items(entries, idx, states=[e.states for e in entries])
                 buf = self._take(stop)
                 if stop.is_set():
                     return
@@ -416,6 +446,48 @@ class _Producer:
             _put(out, stop, (_END, None))
         except BaseException as e:  # re-raised in the consumer with this traceback
             _put(out, stop, (_Failure(e), None))
+
+    def _items(self, entries: Sequence[Any], idx: np.ndarray, *, states: Sequence[Any] | None) -> list[dict[str, Any]]:
+        items = [{"input_ids": e.token_ids, "key": e.key, "boundary": e.boundary} for e in entries]
+        if states is not None:
+            for item, s in zip(items, states):
+                item["hidden_states"] = s
+        if self.dataset.fields is not None:
+            for item, i in zip(items, idx.tolist()):
+                item.update(self.dataset.fields[i])
+        return items
+
+    def _decode_on_device(self, raw: list[RawEntry], idx: np.ndarray) -> dict[str, Any]:
+        """The batch of `raw` entries, their stored parts copied to the device and decoded there."""
+        batch = self.collate.frame(self._items(raw, idx, states=None))
+        b, width = batch["attention_mask"].shape
+        rows = real_rows(batch["attention_mask"]).numpy()
+        offsets = np.cumsum([0] + [len(e.token_ids) for e in raw])
+        # Sequences of one build share codec parameters: decode each build's rows in one go.
+        builds: dict[int, list[int]] = {}
+        for i, e in enumerate(raw):
+            builds.setdefault(id(e.params), []).append(i)
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            moved = {k: v.to(self.device, non_blocking=self.pin) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            states = torch.zeros(b * width, self.dataset.hidden_size, dtype=self.dataset.dtype, device=self.device)
+            for members in builds.values():
+                parts = {name: self._host_to_device(np.concatenate([raw[i].parts[name] for i in members]))
+                         for name in raw[members[0]].parts}
+                where = rows[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])]
+                decoded = torchcodecs.decode(self.codec, parts, raw[members[0]].params)
+                states.index_copy_(0, self._host_to_device(where), decoded.to(states.dtype))
+            moved["hidden_states"] = states.view(b, width, -1)
+            if self.cuda:
+                moved["_event"] = torch.cuda.Event()
+                moved["_event"].record(self.stream)
+        return moved
+
+    def _host_to_device(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torchcodecs.as_tensor(x) if isinstance(x, np.ndarray) else x
+        if self.pin:
+            t = t.pin_memory()  # from torch's caching host allocator; the copy below is async
+        return t.to(self.device, non_blocking=self.pin)
 
     def _take(self, stop: threading.Event) -> _Buffers | None:
         if not self.pooled:
