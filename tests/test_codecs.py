@@ -20,7 +20,7 @@ CODECS = [
     LosslessCodec("float32"), LosslessCodec("float16", shuffle=True), LosslessCodec("bfloat16", shuffle=True),
     LosslessCodec("float32", shuffle=True), Int8Codec("token"), Int8Codec("channel"), Int8Codec("both"),
     Int4Codec(8), Int4Codec(16), Int4Codec(16, rotate=False), Int4Codec(2, rotate=False),
-    EntropyCodec(0.2), EntropyCodec(1.5),
+    EntropyCodec(0.2), EntropyCodec(1.5), EntropyCodec(0.15, pca=True), EntropyCodec(1.0, pca=True),
 ]
 
 
@@ -103,6 +103,7 @@ def test_quantizers_follow_outlier_channels_better_with_channel_scales():
     ("int4:group=32", Int4Codec(32)),
     ("int4:group=32,rotate=0", Int4Codec(32, rotate=False)),
     ("entropy:step=0.25", EntropyCodec(0.25)),
+    ("entropy:step=0.15,pca=1", EntropyCodec(0.15, pca=True)),
 ])
 def test_parse_codec(text, expected):
     assert parse_codec(text) == expected
@@ -154,3 +155,29 @@ def test_entropy_codec_is_smaller_than_int4_for_less_error_on_peaked_data():
         errors[codec.name] = float(np.mean((codec.decode(parts, p) - x) ** 2))
     assert errors["entropy"] < errors["int4"]
     assert sizes["entropy"] < 1.3 * sizes["int4"]
+
+
+def test_entropy_pca_codes_correlated_states_in_fewer_bytes_for_the_same_error():
+    import zstandard
+
+    rng = np.random.default_rng(7)
+    # Correlated channels, like hidden states: 16 latent factors mixed into 128 channels, plus noise.
+    x = (rng.standard_normal((4096, 16)) @ rng.standard_normal((16, 128))
+         + 0.3 * rng.standard_normal((4096, 128))).astype(np.float32)
+    sizes, errors = {}, {}
+    for codec in (EntropyCodec(0.1), EntropyCodec(0.1, pca=True)):
+        params = codec.fit(x[:2048])
+        parts = codec.encode(x, params)
+        got = codec.decode(parts, params)
+        assert (np.abs(got - x) <= codec.error_bound(x, params)).all()
+        codes = parts["states"].T if codec.pca else parts["states"]  # as the store lays them out
+        sizes[codec.pca] = len(zstandard.ZstdCompressor(level=1).compress(np.ascontiguousarray(codes).tobytes()))
+        errors[codec.pca] = float(np.mean((got - x) ** 2))
+    assert sizes[True] < 0.8 * sizes[False]
+    assert errors[True] == pytest.approx(errors[False], rel=0.1)  # a rotation keeps squared error
+
+
+def test_entropy_codec_without_pca_keeps_its_recipe():
+    # Stores built before `pca` existed record {"name", "step", "zstd_level"}: still the same codec.
+    assert EntropyCodec(0.2).to_dict() == {"name": "entropy", "step": 0.2, "zstd_level": 1}
+    assert codec_from_dict({"name": "entropy", "step": 0.2, "zstd_level": 1}) == EntropyCodec(0.2)

@@ -8,15 +8,16 @@ import torch
 
 import erstore
 from erstore import torchcodecs
-from erstore.codecs import Int4Codec, Int8Codec, LosslessCodec
+from erstore.codecs import EntropyCodec, Int4Codec, Int8Codec, LosslessCodec
 from erstore.keys import key_for_ids
 from erstore.writer import StoreWriter
 from tests.test_codecs import CODECS, activations, recipe
 
 
 def exact(codec) -> bool:
-    """Everything but int4's Hadamard rotation (a BLAS matrix product) is elementwise float32."""
-    return not (isinstance(codec, Int4Codec) and codec.rotate)
+    """All but the rotations (int4's Hadamard, entropy's principal axes: BLAS matrix products)
+    are elementwise float32."""
+    return not ((isinstance(codec, Int4Codec) and codec.rotate) or getattr(codec, "pca", False))
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: str(c.to_dict()))
@@ -34,6 +35,7 @@ def test_torch_decode_equals_numpy_decode(codec):
 
 
 @pytest.mark.parametrize("codec", [Int8Codec("both"), Int4Codec(16), Int4Codec(16, rotate=False),
+                                   EntropyCodec(0.2, pca=True),
                                    LosslessCodec("bfloat16", shuffle=True)], ids=lambda c: str(c.to_dict()))
 def test_loader_decoding_on_device_matches_host_decoding(tmp_path, codec):
     # Two builds, so batches mix rows of two sets of codec parameters (channel scales differ).
