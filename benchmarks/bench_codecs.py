@@ -15,12 +15,12 @@ same states through every codec into its own real store and read them back. For 
   scales, vs 4 for float32 states).
 
 The classifier: which of the `--classes` most frequent stdlib packages a paragraph comes from
-(default 2: tkinter vs idlelib in the first 4000 paragraphs), a linear layer on mean-pooled final
+(default 8, in the first 4000 paragraphs), a linear layer on mean-pooled final
 states, trained on the float32 states (a seeded random 80% of the labelled paragraphs). Agreement is
 measured on every sequence of the store (most are from other packages: near-ties) and on the
 labelled paragraphs only.
 
-Run: HF_HUB_OFFLINE=1 python benchmarks/bench_codecs.py [--limit 4000] [--classes 2] [--codec TEXT ...]
+Run: HF_HUB_OFFLINE=1 python benchmarks/bench_codecs.py [--limit 4000] [--classes 8] [--codec TEXT ...]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ CODECS = [
     Int8Codec("token"), Int8Codec("channel"), Int8Codec("both"),
     Int4Codec(32, rotate=False), Int4Codec(16), Int4Codec(32), Int4Codec(64),
     EntropyCodec(0.15), EntropyCodec(0.2), EntropyCodec(0.25), EntropyCodec(0.3),
+    EntropyCodec(0.15, pca=True), EntropyCodec(0.2, pca=True),
 ]
 
 
@@ -93,7 +94,7 @@ def train_head(x, y, classes, epochs=1000):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=4000)
-    ap.add_argument("--classes", type=int, default=2)
+    ap.add_argument("--classes", type=int, default=8)
     ap.add_argument("--codec", action="append", help="only these codecs (`--codec` text, repeatable)")
     args = ap.parse_args()
     codecs = [parse_codec(text) for text in args.codec] if args.codec else CODECS

@@ -42,6 +42,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 TARGET_CHUNK_BYTES = 768 * 1024
 # Arrays are created with a fixed huge row count, so appends never rewrite array metadata.
 MAX_ROWS = 2**40
+# `entropy:pca=1` stores its rotation as int16 multiples of 1/ROTATION_ONE (entries are in [-1, 1]).
+ROTATION_ONE = 2**14
 
 
 def storage_dtype(name: str) -> np.dtype:
@@ -305,7 +307,8 @@ class EntropyCodec:
     across channels, so in that basis most coordinates are small: the same step costs ~0.3 bit
     less per value and, because the rotation preserves distances, gives the same squared error.
     Codes are stored component-major within a chunk (coordinates of similar spread together),
-    which zstd codes another ~0.2 bit tighter. Decoding adds one d x d matrix product per token.
+    which zstd codes another ~0.2 bit tighter. Decoding adds one d x d matrix product per token,
+    done exactly (integer codes times an integer rotation, see `decode`), so it is deterministic.
     """
 
     step: float = 0.2
@@ -335,20 +338,22 @@ class EntropyCodec:
         mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
         centered = x - mean
         _, vectors = np.linalg.eigh(centered.T @ centered)  # orthonormal even for few rows
-        rotation = np.ascontiguousarray(vectors[:, ::-1], dtype=np.float32)  # largest spread first
+        axes = vectors[:, ::-1]  # largest spread first
+        rotation = np.rint(axes * ROTATION_ONE).astype(np.int16)
         return {"mean": mean.astype(np.float32).tolist(),
-                "rotation": base64.b64encode(rotation.tobytes()).decode("ascii")}
+                "rotation": base64.b64encode(np.ascontiguousarray(rotation).tobytes()).decode("ascii")}
 
-    def _basis(self, params: dict[str, Any], d: int) -> tuple[np.ndarray, np.ndarray]:
-        rotation = np.frombuffer(base64.b64decode(params["rotation"]), dtype=np.float32).reshape(d, d)
+    def basis(self, params: dict[str, Any], d: int) -> tuple[np.ndarray, np.ndarray]:
+        """The build's mean [d] (float32) and rotation [d, d] as integers (units of 1/ROTATION_ONE)."""
+        rotation = np.frombuffer(base64.b64decode(params["rotation"]), dtype=np.int16).reshape(d, d)
         return np.asarray(params["mean"], np.float32), rotation
 
     def _coded(self, x: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         """What is quantized: the states, or their coordinates on the build's principal axes."""
         if not self.pca:
             return x
-        mean, rotation = self._basis(params, x.shape[1])
-        return (x - mean) @ rotation
+        mean, rotation = self.basis(params, x.shape[1])
+        return ((x - mean).astype(np.float64) @ (rotation / ROTATION_ONE)).astype(np.float32)
 
     def _step(self, x: np.ndarray, coded: np.ndarray) -> np.ndarray:
         rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=1, keepdims=True)).astype(np.float32)
@@ -362,23 +367,29 @@ class EntropyCodec:
         return {"states": np.clip(np.rint(coded / safe), -127, 127).astype(np.int8), "scales": step}
 
     def decode(self, parts: dict[str, np.ndarray], params: dict[str, Any]) -> np.ndarray:
-        y = parts["states"].astype(np.float32) * parts["scales"].astype(np.float32)
         if not self.pca:
-            return y
-        mean, rotation = self._basis(params, y.shape[1])
-        return y @ rotation.T + mean
+            return parts["states"].astype(np.float32) * parts["scales"].astype(np.float32)
+        # Integer codes times integer rotation, summed in float64: every partial sum is an integer
+        # below 2**53, so the result is exact whatever order BLAS adds in. A sequence therefore
+        # decodes to the same bits whichever other rows share its read (and in torch, on a GPU).
+        mean, rotation = self.basis(params, parts["states"].shape[1])
+        exact = parts["states"].astype(np.float64) @ rotation.T.astype(np.float64)
+        return (exact * (parts["scales"].astype(np.float64) / ROTATION_ONE)).astype(np.float32) + mean
 
     def error_bound(self, states: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         """Half a step per coded value; with `pca`, element i of a token can gather the errors of
-        every coordinate: half a step times the L1 norm of row i of the rotation."""
+        every coordinate (half a step times the L1 norm of row i of the rotation), plus what the
+        integer rotation's small departure from orthonormality moves."""
         x = np.asarray(states, dtype=np.float32)
         coded = self._coded(x, params)
         half = 0.5 * self._step(x, coded).astype(np.float32)
         if not self.pca:
             return np.broadcast_to(half, x.shape) + 1e-6 * np.abs(x)
-        _, rotation = self._basis(params, x.shape[1])
-        gather = np.abs(rotation).sum(axis=1)[None, :]
-        return half * gather + 1e-5 * (np.abs(x) + np.abs(coded).max(axis=1, keepdims=True) * gather)
+        mean, rotation = self.basis(params, x.shape[1])
+        q = rotation.astype(np.float64) / ROTATION_ONE
+        gather = np.abs(q).sum(axis=1)[None, :]
+        drift = np.abs(x - mean).astype(np.float64) @ np.abs(q @ q.T - np.eye(len(q)))
+        return (half * gather + drift + 1e-5 * (np.abs(x) + np.abs(coded).max(axis=1, keepdims=True) * gather)).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, **asdict(self)}

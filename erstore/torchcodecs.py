@@ -4,9 +4,9 @@
 instead copy the stored codes to the device (int8 / 4-bit codes are 4-8x smaller than the float32
 states they decode to, so the host-to-device copy shrinks by as much) and decode them there with
 the same arithmetic, in the same order of float32 operations: on the CPU every codec decodes to
-exactly the numpy result (tested), except that `int4`'s Hadamard rotation and `entropy:pca=1`'s
-principal axes are matrix products whose summation order is the BLAS library's (float32
-rounding, ~1e-7 relative).
+exactly the numpy result (tested), except that `int4`'s Hadamard rotation is a matrix product
+whose summation order is the BLAS library's (float32 rounding, ~1e-7 relative).
+(`entropy:pca=1`'s rotation is exact integer arithmetic in float64, hence equal everywhere.)
 
 Only `erstore.torchdata` imports this module. Not here: encoding (builds encode with numpy).
 """
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erstore.codecs import Codec, EntropyCodec, Int4Codec, Int8Codec, LosslessCodec, _hadamard
+from erstore.codecs import ROTATION_ONE, Codec, EntropyCodec, Int4Codec, Int8Codec, LosslessCodec, _hadamard
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -67,11 +67,13 @@ def _int4(codec: Int4Codec, parts: Mapping[str, torch.Tensor], params: Mapping[s
 
 
 def _entropy(codec: EntropyCodec, parts: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
-    y = parts["states"].to(torch.float32) * parts["scales"].to(torch.float32)
     if not codec.pca:
-        return y
-    mean, rotation = codec._basis(dict(params), y.shape[1])
-    return y @ torch.from_numpy(rotation.T.copy()).to(y.device) + torch.from_numpy(mean).to(y.device)
+        return parts["states"].to(torch.float32) * parts["scales"].to(torch.float32)
+    codes, device = parts["states"], parts["states"].device
+    mean, rotation = codec.basis(dict(params), codes.shape[1])
+    exact = codes.to(torch.float64) @ torch.from_numpy(rotation.T.astype(np.float64)).to(device)
+    scaled = exact * (parts["scales"].to(torch.float64) / ROTATION_ONE)
+    return scaled.to(torch.float32) + torch.from_numpy(mean).to(device)
 
 
 _DECODERS: dict[type, Callable[..., torch.Tensor]] = {

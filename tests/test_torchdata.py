@@ -211,7 +211,7 @@ def test_import_erstore_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("codec", ["shuffle", "int8", "int4:group=16"])
+@pytest.mark.parametrize("codec", ["shuffle", "int8", "int4:group=16", "entropy:pca=1"])
 def test_fork_safe_reader_matches_tensorstore_for_every_codec(tiny_bert, tmp_path, codec):
     from erstore.localread import LocalReader
 
