@@ -40,8 +40,8 @@ from common import machine, record  # noqa: E402
 
 import erstore  # noqa: E402
 from consumers import load_tail  # noqa: E402
-from erstore.builder import BuildConfig, build  # noqa: E402
 from erstore import torchcodecs  # noqa: E402
+from erstore.builder import BuildConfig, build  # noqa: E402
 from erstore.codecs import EntropyCodec, Int4Codec, Int8Codec, LosslessCodec, parse_codec  # noqa: E402
 from erstore.corpus import default_corpus  # noqa: E402
 from erstore.manifest import Recipe  # noqa: E402

@@ -23,7 +23,8 @@ from erstore.codecs import ROTATION_ONE, Codec, EntropyCodec, Int4Codec, Int8Cod
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A CPU tensor over a numpy array of any stored dtype (bfloat16 via its 16-bit pattern)."""
+    """A CPU tensor sharing a numeric numpy array's memory where possible (read-only arrays are
+    copied; ml_dtypes' bfloat16 goes through its 16-bit pattern)."""
     a = np.ascontiguousarray(array)
     if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: same bits as torch.bfloat16
         return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from erstore import torchcodecs
 from erstore.errors import ErstoreError, InvalidInputError, KeyNotFoundError
 from erstore.shuffle import BatchPlan
-from erstore import torchcodecs
 from erstore.store import Entry, RawEntry, Store
 
 LABEL_PAD = -100
@@ -261,18 +261,7 @@ def _concat(values: list[Any]) -> torch.Tensor:
     """Row-concatenation of numpy arrays or tensors, as one tensor."""
     if all(isinstance(v, torch.Tensor) for v in values):
         return torch.cat(values)
-    return _tensor(np.concatenate([np.asarray(v) for v in values]))
-
-
-def _tensor(x: Any) -> torch.Tensor:
-    """A tensor sharing `x`'s memory where possible (copying read-only numpy arrays)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    a = np.asarray(x)
-    if a.dtype.kind not in "biuf" or a.dtype.name == "bfloat16":  # ml_dtypes bfloat16
-        return torch.from_numpy(np.ascontiguousarray(a.view(np.uint16))).view(torch.bfloat16) \
-            if a.dtype.name == "bfloat16" else torch.as_tensor(a)
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
+    return torchcodecs.as_tensor(np.concatenate([np.asarray(v) for v in values]))
 
 
 class _Buffers:
