@@ -17,10 +17,10 @@ of a store's recipe, so one store never mixes codecs. Codecs are frozen dataclas
   than `int4` for the same bytes on MiniLM states (benchmarks/bench_codecs.py). With `pca=1` the
   codes are coordinates on per-build principal axes (transform coding): less error per byte.
 
-Lossy codecs fit per-build parameters (channel scales, principal axes) on the first flushed rows; they are saved
-next to the build's arrays. Each documents a per-element error bound (`error_bound`), checked by
-property tests. Decoding here is numpy; `erstore.torchcodecs` mirrors it in torch for loaders
-that decode on the GPU.
+Lossy codecs fit per-build parameters (channel scales, principal axes) on the first flushed
+rows; they are saved next to the build's arrays. Each documents a per-element error bound
+(`error_bound`), checked by property tests. Decoding here is numpy; `erstore.torchcodecs`
+mirrors it in torch for loaders that decode on the GPU.
 
 Chunks hold a power-of-two number of token rows, about 768 KiB of codes each: big enough that
 zstd and per-call overhead amortise, small enough that a random sequence read touches one or two
