@@ -320,11 +320,16 @@ class Store:
 
         return StoreDataset(self, keys=keys, labels=labels, **options)
 
-    def loader(self, keys: Sequence[str] | None = None, *, labels: Any = None, **options: Any) -> Any:
-        """A prefetching `erstore.torchdata.Loader` over `self.dataset(keys, labels=labels)`."""
+    def loader(self, keys: Sequence[str] | None = None, *, labels: Any = None, dtype: Any = None,
+               **options: Any) -> Any:
+        """A prefetching `erstore.torchdata.Loader` over `self.dataset(keys, labels=labels)`.
+
+        `dtype` (a torch dtype, default float32) is the dtype of the batches' `hidden_states`.
+        """
         from erstore.torchdata import Loader
 
-        return Loader(self.dataset(keys, labels=labels), **options)
+        dataset = self.dataset(keys, labels=labels, **({} if dtype is None else {"dtype": dtype}))
+        return Loader(dataset, **options)
 
     # -- metadata ---------------------------------------------------------------------------
     def versions(self) -> list[VersionManifest]:

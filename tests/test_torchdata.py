@@ -82,6 +82,15 @@ def test_loader_delivers_every_sequence_once(read_store, shuffle, reuse):
     assert (seen == list(store)) is (not shuffle)
 
 
+def test_loader_hands_out_the_dtype_asked_for(read_store):
+    store = erstore.open(read_store)
+    batch = next(iter(store.loader(batch_size=4, dtype=torch.bfloat16)))
+    assert batch["hidden_states"].dtype == torch.bfloat16
+    first = store.get(batch["keys"][0])
+    n = int(batch["attention_mask"][0].sum())
+    assert torch.equal(batch["hidden_states"][0, :n], torch.from_numpy(np.asarray(first, np.float32)).to(torch.bfloat16))
+
+
 def test_shuffle_is_seeded_resumable_and_changes_per_epoch(read_store):
     store = erstore.open(read_store)
     a = store.loader(batch_size=4, shuffle=True, seed=11)
