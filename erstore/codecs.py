@@ -30,6 +30,7 @@ chunks (see shared FACTS: 1024-row chunks read in ~1 ms, 16k-row chunks in ~13 m
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -345,8 +346,7 @@ class EntropyCodec:
 
     def basis(self, params: dict[str, Any], d: int) -> tuple[np.ndarray, np.ndarray]:
         """The build's mean [d] (float32) and rotation [d, d] as integers (units of 1/ROTATION_ONE)."""
-        rotation = np.frombuffer(base64.b64decode(params["rotation"]), dtype=np.int16).reshape(d, d)
-        return np.asarray(params["mean"], np.float32), rotation
+        return np.asarray(params["mean"], np.float32), _rotation(params["rotation"], d)
 
     def _coded(self, x: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         """What is quantized: the states, or their coordinates on the build's principal axes."""
@@ -396,6 +396,13 @@ class EntropyCodec:
         if not self.pca:  # recipes of stores built before the option existed stay equal
             del out["pca"]
         return out
+
+
+@functools.lru_cache(maxsize=16)
+def _rotation(encoded: str, d: int) -> np.ndarray:
+    """An `entropy:pca=1` build's int16 rotation, decoded once per build rather than per read
+    (base64 of d x d values: ~0.4 MB at d = 384). Read-only, so sharing it is safe."""
+    return np.frombuffer(base64.b64decode(encoded), dtype=np.int16).reshape(d, d)
 
 
 Codec = LosslessCodec | Int8Codec | Int4Codec | EntropyCodec
