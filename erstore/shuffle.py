@@ -55,7 +55,7 @@ class BatchPlan:
             raise InvalidInputError("block_rows and buffer_blocks must be at least 1")
         self.length = np.asarray(length, dtype=np.int64)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.buffer_blocks, self.bucket_by_length = buffer_blocks, bucket_by_length
+        self.block_rows, self.buffer_blocks, self.bucket_by_length = block_rows, buffer_blocks, bucket_by_length
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
         n = len(self.length)

@@ -402,39 +402,43 @@ class _Producer:
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.on_device = loader.decode_on_device and not _FORKED  # forked readers decode on the host
         self.codec = loader.dataset.store.codec if self.on_device else None
+        self.group_rows = loader.plan.buffer_blocks * loader.plan.block_rows
 
     def __call__(self, out: queue.Queue, stop: threading.Event) -> None:
         # One intra-op thread here (OpenMP settings are per thread): the consumer keeps the
         # pool, and small parallel copies on a busy 2-core box cost ~10 ms each, not ~50 us.
         torch.set_num_threads(1)
         try:
-            # One batch of look-ahead: TensorStore reads batch j+1 on its own threads while this
-            # thread decodes, pads and copies batch j.
-            pending = self.dataset.start_read(self.batches[0]) if self.batches else None
-            for j, idx in enumerate(self.batches):
-                if stop.is_set():
-                    return
-                if self.on_device:
-                    raw = pending.raw_result()
-                    if j + 1 < len(self.batches):
-                        pending = self.dataset.start_read(self.batches[j + 1])
-                    if not _put(out, stop, (self._decode_on_device(raw, idx), None)):
+            # One read group of look-ahead: TensorStore fetches and decodes group g+1 on its own
+            # threads while this thread pads and copies the batches of group g.
+            groups = read_groups(self.batches, self.dataset.lengths, self.group_rows)
+            pending = self._start_read(groups[0]) if groups else None
+            for g, group in enumerate(groups):
+                fetched = pending.raw_result() if self.on_device else pending.result()
+                if g + 1 < len(groups):
+                    pending = self._start_read(groups[g + 1])
+                at = 0
+                for idx in group:
+                    if stop.is_set():
                         return
-                    continue
-                entries = pending.result()
-                if j + 1 < len(self.batches):
-                    pending = self.dataset.start_read(self.batches[j + 1])
-                items = self._items(entries, idx, states=[e.states for e in entries])
-                buf = self._take(stop)
-                if stop.is_set():
-                    return
-                batch = self.collate(items, out=buf)
-                batch = self._to_device(batch, buf)
-                if not _put(out, stop, (batch, buf)):
-                    return
+                    entries, at = fetched[at : at + len(idx)], at + len(idx)
+                    if not _put(out, stop, self._batch(entries, idx, stop)):
+                        return
             _put(out, stop, (_END, None))
         except BaseException as e:  # re-raised in the consumer with this traceback
             _put(out, stop, (_Failure(e), None))
+
+    def _start_read(self, group: list[np.ndarray]) -> Any:
+        return self.dataset.start_read(np.concatenate(group))
+
+    def _batch(self, entries: list[Any], idx: np.ndarray, stop: threading.Event) -> tuple[Any, _Buffers | None]:
+        """The batch of `entries` (raw ones when decoding on the device) and the buffer it uses."""
+        if self.on_device:
+            return self._decode_on_device(entries, idx), None
+        items = self._items(entries, idx, states=[e.states for e in entries])
+        buf = self._take(stop)
+        batch = self.collate(items, out=buf)
+        return self._to_device(batch, buf), buf
 
     def _items(self, entries: Sequence[Any], idx: np.ndarray, *, states: Sequence[Any] | None) -> list[dict[str, Any]]:
         items = [{"input_ids": e.token_ids, "key": e.key, "boundary": e.boundary} for e in entries]
@@ -513,6 +517,25 @@ class _Producer:
             if buf is not None:
                 self.free.put(buf)
         return moved
+
+
+def read_groups(batches: Sequence[np.ndarray], lengths: np.ndarray, rows: int) -> list[list[np.ndarray]]:
+    """Consecutive batches cut into groups of about `rows` stored rows, each read with one call.
+
+    One storage read per group instead of one per batch: a block-shuffled batch touches a dozen
+    chunks that its neighbours in the same shuffle window touch too, so reading the window's
+    sequences together fetches each chunk once and merges neighbours into a few long spans.
+    """
+    groups: list[list[np.ndarray]] = []
+    total = rows
+    for idx in batches:
+        size = int(lengths[idx].sum())
+        if total + size > rows:
+            groups.append([])
+            total = 0
+        groups[-1].append(idx)
+        total += size
+    return groups
 
 
 def _put(out: queue.Queue, stop: threading.Event, item: Any) -> bool:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import erstore
 from erstore.errors import ErstoreError
 from erstore.shuffle import BatchPlan
-from erstore.torchdata import Collate
+from erstore.torchdata import Collate, read_groups
 
 
 def prefetch_threads() -> list[threading.Thread]:
@@ -71,15 +71,26 @@ def test_collate_pads_to_longest(read_store):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("reuse", [False, True])
-def test_loader_delivers_every_sequence_once(read_store, shuffle, reuse):
+@pytest.mark.parametrize("window", [{}, {"block_rows": 8, "buffer_blocks": 2}], ids=["one-group", "many-groups"])
+def test_loader_delivers_every_sequence_once(read_store, shuffle, reuse, window):
     store = erstore.open(read_store)
-    with store.loader(batch_size=5, shuffle=shuffle, seed=7, reuse_buffers=reuse, prefetch=2) as loader:
+    with store.loader(batch_size=5, shuffle=shuffle, seed=7, reuse_buffers=reuse, prefetch=2, **window) as loader:
         seen = []
         for batch in loader:
             check_batch(store, batch)  # checked before the next batch may reuse the buffers
             seen += batch["keys"]
     assert sorted(seen) == sorted(store)
     assert (seen == list(store)) is (not shuffle)
+
+
+def test_read_groups_keep_order_and_stay_within_budget():
+    lengths = np.array([5, 30, 7, 7, 2, 9, 40, 1])
+    batches = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6]), np.array([7])]
+    groups = read_groups(batches, lengths, rows=30)
+    assert [b.tolist() for g in groups for b in g] == [b.tolist() for b in batches]
+    # A group is full when the next batch would pass the budget; a batch over it stands alone.
+    assert [[b.tolist() for b in g] for g in groups] == [[[0, 1]], [[2, 3], [4, 5]], [[6]], [[7]]]
+    assert read_groups([], lengths, rows=30) == []
 
 
 def test_loader_hands_out_the_dtype_asked_for(read_store):
