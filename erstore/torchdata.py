@@ -199,21 +199,25 @@ class Collate:
                  dtype: torch.dtype = torch.float32):
         self.pad_token_id, self.label_pad, self.dtype = pad_token_id, label_pad, dtype
 
-    def __call__(self, items: Sequence[Mapping[str, Any]], out: _Buffers | None = None) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Mapping[str, Any]], out: _Buffers | None = None, *,
+                 states: Any = None) -> dict[str, Any]:
+        """The padded batch of `items`; `states` may give their hidden states already concatenated
+        in item order (rows [sum of lengths, d]) instead of each item's "hidden_states"."""
         if not items:
             raise InvalidInputError("cannot collate an empty batch")
         lengths = [len(it["input_ids"]) for it in items]
         b, width = len(items), max(lengths)
-        d = int(items[0]["hidden_states"].shape[-1])
+        rows = _concat([it["hidden_states"] for it in items]) if states is None else _tensor(states)
+        d = int(rows.shape[-1])
         if out is None:
             out = _Buffers(b, width, d, self.dtype)
-        states, mask, ids = out.views(b, width)
+        padded, mask, ids = out.views(b, width)
         batch = self.frame(items, mask=mask, ids=ids)
         # Whole-batch operations (a few per batch, not a few per item): one cast of all real
         # tokens (torch casts fp16/bf16 fast, numpy does not), one scatter into the padded rows.
-        states.zero_()
-        states.view(-1, d).index_copy_(0, real_rows(mask), _concat([it["hidden_states"] for it in items]).to(states.dtype))
-        return {"hidden_states": states, **batch}
+        padded.zero_()
+        padded.view(-1, d).index_copy_(0, real_rows(mask), rows.to(padded.dtype))
+        return {"hidden_states": padded, **batch}
 
     def frame(self, items: Sequence[Mapping[str, Any]], *, mask: torch.Tensor | None = None,
               ids: torch.Tensor | None = None) -> dict[str, Any]:
@@ -255,6 +259,10 @@ class Collate:
 def real_rows(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices of the real (unpadded) token positions of a [B, L] mask, in row order."""
     return mask.view(-1).nonzero().squeeze(1)
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torchcodecs.as_tensor(value)
 
 
 def _concat(values: list[Any]) -> torch.Tensor:
@@ -401,7 +409,9 @@ class _Producer:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.on_device = loader.decode_on_device and not _FORKED  # forked readers decode on the host
-        self.codec = loader.dataset.store.codec if self.on_device else None
+        # Reads return stored parts, decoded batch by batch (not a whole group at once, which
+        # would stall the queue); forked readers return decoded entries.
+        self.codec = None if _FORKED else loader.dataset.store.codec
         self.group_rows = loader.plan.buffer_blocks * loader.plan.block_rows
 
     def __call__(self, out: queue.Queue, stop: threading.Event) -> None:
@@ -414,7 +424,7 @@ class _Producer:
             groups = read_groups(self.batches, self.dataset.lengths, self.group_rows)
             pending = self._start_read(groups[0]) if groups else None
             for g, group in enumerate(groups):
-                fetched = pending.raw_result() if self.on_device else pending.result()
+                fetched = pending.result() if self.codec is None else pending.raw_result()
                 if g + 1 < len(groups):
                     pending = self._start_read(groups[g + 1])
                 at = 0
@@ -435,9 +445,12 @@ class _Producer:
         """The batch of `entries` (raw ones when decoding on the device) and the buffer it uses."""
         if self.on_device:
             return self._decode_on_device(entries, idx), None
-        items = self._items(entries, idx, states=[e.states for e in entries])
         buf = self._take(stop)
-        batch = self.collate(items, out=buf)
+        if self.codec is None:
+            batch = self.collate(self._items(entries, idx, states=[e.states for e in entries]), out=buf)
+        else:
+            batch = self.collate(self._items(entries, idx, states=None), out=buf,
+                                 states=self._decode_on_host(entries))
         return self._to_device(batch, buf), buf
 
     def _items(self, entries: Sequence[Any], idx: np.ndarray, *, states: Sequence[Any] | None) -> list[dict[str, Any]]:
@@ -450,21 +463,32 @@ class _Producer:
                 item.update(self.dataset.fields[i])
         return items
 
+    def _decode_on_host(self, raw: list[RawEntry]) -> np.ndarray:
+        """The entries' states concatenated in entry order, with one codec call per build."""
+        builds = _builds(raw)
+        decoded = [self.codec.decode({name: np.concatenate([raw[i].parts[name] for i in members])
+                                      for name in raw[members[0]].parts}, raw[members[0]].params)
+                   for members in builds]
+        if len(builds) == 1:
+            return decoded[0]
+        rows: list[Any] = [None] * len(raw)
+        for members, states in zip(builds, decoded):
+            ends = np.cumsum([len(raw[i].token_ids) for i in members])[:-1]
+            for i, part in zip(members, np.split(states, ends)):
+                rows[i] = part
+        return np.concatenate(rows)
+
     def _decode_on_device(self, raw: list[RawEntry], idx: np.ndarray) -> dict[str, Any]:
         """The batch of `raw` entries, their stored parts copied to the device and decoded there."""
         batch = self.collate.frame(self._items(raw, idx, states=None))
         b, width = batch["attention_mask"].shape
         rows = real_rows(batch["attention_mask"]).numpy()
         offsets = np.cumsum([0] + [len(e.token_ids) for e in raw])
-        # Sequences of one build share codec parameters: decode each build's rows in one go.
-        builds: dict[int, list[int]] = {}
-        for i, e in enumerate(raw):
-            builds.setdefault(id(e.params), []).append(i)
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
             moved = {k: v.to(self.device, non_blocking=self.pin) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
             states = torch.zeros(b * width, self.dataset.hidden_size, dtype=self.dataset.dtype, device=self.device)
-            for members in builds.values():
+            for members in _builds(raw):
                 parts = {name: self._host_to_device(np.concatenate([raw[i].parts[name] for i in members]))
                          for name in raw[members[0]].parts}
                 where = rows[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])]
@@ -517,6 +541,14 @@ class _Producer:
             if buf is not None:
                 self.free.put(buf)
         return moved
+
+
+def _builds(raw: list[RawEntry]) -> list[list[int]]:
+    """Indices of `raw` by build: sequences of one build share codec parameters, so decode together."""
+    builds: dict[int, list[int]] = {}
+    for i, e in enumerate(raw):
+        builds.setdefault(id(e.params), []).append(i)
+    return list(builds.values())
 
 
 def read_groups(batches: Sequence[np.ndarray], lengths: np.ndarray, rows: int) -> list[list[np.ndarray]]:

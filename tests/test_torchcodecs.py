@@ -49,12 +49,18 @@ def test_loader_decoding_on_device_matches_host_decoding(tmp_path, codec):
     store = erstore.open(path)
     assert store._array(0).params != store._array(1).params or codec.lossless
     labels = {k: i for i, k in enumerate(store)}
-    host = store.loader(labels=labels, batch_size=4, shuffle=True, seed=2)
-    device = store.loader(labels=labels, batch_size=4, shuffle=True, seed=2, decode_on_device=True)
+    # Small shuffle windows: several read groups, each decoded batch by batch.
+    options = dict(labels=labels, batch_size=4, shuffle=True, seed=2, block_rows=16, buffer_blocks=2)
+    host = store.loader(**options)
+    device = store.loader(**options, decode_on_device=True)
     pairs = list(zip(host, device))
     assert len(pairs) == len(host) and {len(b["keys"]) for b, _ in pairs} == {4, 2}
     for a, b in pairs:
         assert a.keys() == b.keys() and a["keys"] == b["keys"]
+        for i, key in enumerate(a["keys"]):  # host batches hold what store.get decodes
+            want = torch.from_numpy(np.asarray(store.get(key), np.float32))
+            got = a["hidden_states"][i, : len(want)]
+            assert torch.equal(got, want) if exact(codec) else torch.allclose(got, want, rtol=1e-5, atol=1e-4)
         for name in ("attention_mask", "input_ids", "labels", "boundaries"):
             assert torch.equal(a[name], b[name]), name
         if exact(codec):
