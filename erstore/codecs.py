@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from erstore.errors import IncompatibleStoreError, InvalidInputError
+from erstore.errors import CorruptStoreError, IncompatibleStoreError, InvalidInputError
 
 DTYPES = ("float32", "float16", "bfloat16")
 TARGET_CHUNK_BYTES = 768 * 1024
@@ -408,6 +409,54 @@ def _rotation(encoded: str, d: int) -> np.ndarray:
 Codec = LosslessCodec | Int8Codec | Int4Codec | EntropyCodec
 _CODECS: dict[str, type] = {"lossless": LosslessCodec, "int8": Int8Codec, "int4": Int4Codec,
                             "entropy": EntropyCodec}
+
+
+def load_params(raw: bytes | None, codec: Codec, hidden_size: int, where: str) -> dict[str, Any]:
+    """A build's codec parameters from the bytes of its codec.json (`where`; None: no file).
+
+    Raises CorruptStoreError naming the file if it is not JSON or does not fit `codec`.
+    """
+    try:
+        params = json.loads(raw) if raw else {}
+    except ValueError as e:
+        problem: str | None = f"is not JSON ({e})"
+    else:
+        problem = params_problem(codec, params, hidden_size)
+    if problem:
+        raise CorruptStoreError(f"{where} {problem}: the build's codec parameters are damaged; restore "
+                                "the file from a copy of the store, or rebuild")
+    return params
+
+
+def params_problem(codec: Codec, params: Any, hidden_size: int) -> str | None:
+    """What is wrong with a build's codec parameters (its codec.json) for `codec`, or None."""
+    if not isinstance(params, dict):
+        return "is not a JSON object"
+    needed = set()
+    if isinstance(codec, Int4Codec) or (isinstance(codec, Int8Codec) and codec.scales == "channel"):
+        needed.add("channel_scale")
+    if isinstance(codec, EntropyCodec) and codec.pca:
+        needed |= {"mean", "rotation"}
+    if missing := sorted(needed - params.keys()):
+        return f"lacks {', '.join(missing)}"
+    for name in ("channel_scale", "mean"):
+        if name not in params:
+            continue
+        try:
+            values = np.asarray(params[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            return f"has a non-numeric {name}"
+        positive = name == "channel_scale"
+        if values.shape != (hidden_size,) or not np.isfinite(values).all() or (positive and (values <= 0).any()):
+            return f"has a {name} that is not {hidden_size} finite{' positive' if positive else ''} numbers"
+    if "rotation" in params:
+        try:
+            size = len(base64.b64decode(params["rotation"], validate=True))
+        except (TypeError, ValueError):  # binascii.Error is a ValueError
+            return "has a rotation that is not base64 text"
+        if size != hidden_size * hidden_size * 2:
+            return f"has a rotation of {size} bytes, not {hidden_size} x {hidden_size} int16 values"
+    return None
 
 
 def codec_from_dict(data: dict[str, Any]) -> Codec:

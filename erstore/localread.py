@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from erstore.codecs import Codec, storage_dtype
+from erstore.codecs import Codec, load_params, storage_dtype
 from erstore.errors import CorruptStoreError, ErstoreError
 from erstore.index import KeyIndex
 from erstore.keys import join_key
@@ -81,6 +81,7 @@ class LocalReader:
         self.root = Path(root)
         self.index = index
         self.codec = codec
+        self.hidden_size = hidden_size
         self.parts = list(codec.arrays(hidden_size))
         self._codec_params: dict[int, dict] = {}
         self.cache_bytes = cache_bytes
@@ -117,7 +118,7 @@ class LocalReader:
         """Same result as `Store.read_positions`: entries in the order asked."""
         recs = self.index.records[np.asarray(positions, dtype=np.int64)]
         if keys is None:
-            keys = [join_key(h, l) for h, l in zip(recs["hi"].tolist(), recs["lo"].tolist())]
+            keys = [join_key(hi, lo) for hi, lo in zip(recs["hi"].tolist(), recs["lo"].tolist())]
         out = []
         for key, rec in zip(keys, recs):
             slot, start = int(rec["array"]), int(rec["row"])
@@ -131,6 +132,7 @@ class LocalReader:
         params = self._codec_params.get(slot)
         if params is None:
             path = self.root / "arrays" / self.index.arrays[slot] / "codec.json"
-            params = json.loads(path.read_text()) if path.exists() else {}
+            params = load_params(path.read_bytes() if path.exists() else None, self.codec,
+                                 self.hidden_size, str(path))
             self._codec_params[slot] = params
         return params

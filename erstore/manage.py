@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from erstore.errors import ErstoreError, InvalidInputError, StoreNotFoundError
+from erstore.keys import join_key
 from erstore.location import Location
 from erstore.manifest import STORE_FILE, decode_index, version_key
 from erstore.store import Store, list_versions, read_manifest, resolve_tag, tag_key
@@ -90,7 +91,7 @@ def diff(url: str, a: int | str, b: int | str, **options: Any) -> Diff:
         o, n = old.index.records, new.index.records
         added = n[old.index.find_halves(n["hi"], n["lo"]) < 0]
         removed = o[new.index.find_halves(o["hi"], o["lo"]) < 0]
-        keys = lambda r: [f"{h:016x}{l:016x}" for h, l in zip(r["hi"].tolist(), r["lo"].tolist())]  # noqa: E731
+        keys = lambda r: [join_key(hi, lo) for hi, lo in zip(r["hi"].tolist(), r["lo"].tolist())]  # noqa: E731
         return Diff(old.version, new.version, keys(added), keys(removed))
 
 

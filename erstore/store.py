@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from erstore.codecs import Codec, codec_from_dict
+from erstore.codecs import Codec, codec_from_dict, load_params
 from erstore.errors import (
     ErstoreError,
     KeyNotFoundError,
@@ -284,7 +284,7 @@ class Store:
         """
         recs = self.index.records[np.asarray(positions, dtype=np.int64)]
         if keys is None:
-            keys = [join_key(h, l) for h, l in zip(recs["hi"].tolist(), recs["lo"].tolist())]
+            keys = [join_key(hi, lo) for hi, lo in zip(recs["hi"].tolist(), recs["lo"].tolist())]
         slots = recs["array"].tolist()
         starts = recs["row"].astype(np.int64)
         stops = (starts + recs["length"].astype(np.int64)).tolist()
@@ -308,8 +308,8 @@ class Store:
             with self._lock:
                 handles = self._arrays.get(slot)
                 if handles is None:
-                    handles = open_arrays(self.location, self.index.arrays[slot],
-                                          array_names(self.codec, self.recipe.hidden_size), self._context)
+                    handles = open_arrays(self.location, self.index.arrays[slot], self.codec,
+                                          self.recipe.hidden_size, self._context)
                     self._arrays[slot] = handles
         return handles
 
@@ -367,16 +367,16 @@ class BuildArrays:
         return parts, self.tokens[start:stop].read(batch=batch)
 
 
-def array_names(codec: Codec, hidden_size: int) -> list[str]:
-    return [*codec.arrays(hidden_size), "tokens"]
-
-
-def open_arrays(location: Location, array_id: str, names: list[str], context: ts.Context | None = None, *,
-                create: dict[str, dict[str, Any]] | None = None,
+def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: int,
+                context: ts.Context | None = None, *, create: dict[str, dict[str, Any]] | None = None,
                 params: dict[str, Any] | None = None) -> BuildArrays:
-    """Open (or, given `create` metadata per array name, create) the arrays of one build."""
+    """Open (or, given `create` metadata per array name, create) the arrays of one build.
+
+    Opening reads the build's codec parameters (`params` when creating) and checks them against
+    `codec`: damaged ones raise CorruptStoreError here, not a numpy error on the first read.
+    """
     handles = {}
-    for name in names:
+    for name in [*codec.arrays(hidden_size), "tokens"]:
         spec: dict[str, Any] = {"driver": "zarr3", "kvstore": location.child_spec(f"arrays/{array_id}/{name}")}
         if create is not None:
             spec.update(metadata=create[name], create=True)
@@ -391,7 +391,6 @@ def open_arrays(location: Location, array_id: str, names: list[str], context: ts
         if params:
             location.write(params_key, json.dumps(params).encode())
     else:
-        raw = location.read(params_key)
-        params = json.loads(raw) if raw else {}
+        params = load_params(location.read(params_key), codec, hidden_size, f"{location.url}/{params_key}")
     tokens = handles.pop("tokens")
     return BuildArrays(handles, tokens, params or {})

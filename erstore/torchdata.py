@@ -6,10 +6,14 @@ torch). Items and batches use the names transformers models expect:
     item:  hidden_states [L, d] float, input_ids [L], key, boundary, plus label fields
     batch: hidden_states [B, L, d], attention_mask [B, L], input_ids [B, L], keys, labels...
 
-`Loader` reads in one background thread: for each batch one batched storage read (issued one
-batch ahead, so TensorStore fetches the next batch while this one is prepared), decode into
-the batch buffer, pad, pin (only when an accelerator exists) and, on CUDA, copy to the device on
-a side stream. With `decode_on_device` (default on CUDA) the thread instead copies the stored
+`Loader` reads in one background thread. Consecutive batches are read in groups of about one
+shuffle window (`buffer_blocks` x `block_rows` stored rows, ~16 chunks) with one batched storage
+read per group, issued one group ahead so TensorStore fetches and decompresses group g+1 on its
+own threads while the thread prepares the batches of group g. A block-shuffled window's batches
+share its chunks, so a group reads them once as a few long spans (a batch-by-batch read made one
+span per chunk per batch: ~18x the TensorStore calls). Each batch is then decoded from the stored
+parts, padded, pinned (only when an accelerator exists) and, on CUDA, copied to the device on a
+side stream. With `decode_on_device` (default on CUDA) the thread instead copies the stored
 codes to the device and decodes and pads them there (`erstore.torchcodecs`), so the host-to-device
 copy carries 0.5-2 bytes per value instead of 4. The queue between thread and consumer is
 `prefetch` batches deep. Order comes from
@@ -301,7 +305,8 @@ class Loader:
         batch_size, shuffle, seed, drop_last, bucket_by_length, block_rows, buffer_blocks:
             see `erstore.shuffle.BatchPlan`.
         rank, world_size: this process's share (default: from torch.distributed if initialised).
-        prefetch: batches prepared ahead (queue depth).
+        prefetch: batches prepared ahead (queue depth). Storage reads run a further read group
+            (about one shuffle window of stored rows) ahead of the batches being prepared.
         device: where batches go (default CPU). On CUDA: pinned staging buffers, copy with
             non_blocking on a side stream; batches arrive as device tensors.
         reuse_buffers: on CPU, hand out preallocated buffers that are overwritten `prefetch + 1`

@@ -234,7 +234,7 @@ class StoreWriter:
             return
         if self._arrays is None:
             tokens = _array_meta_like(self._metadata["states"], self._unit)
-            self._arrays = open_arrays(self.location, self.build_id, [*self._metadata, "tokens"],
+            self._arrays = open_arrays(self.location, self.build_id, self.codec, self.recipe.hidden_size,
                                        create={**self._metadata, "tokens": tokens}, params=self._params)
         start, stop = self._written_rows, self._written_rows + n
         self._pending = [self._arrays.parts[name][start:stop].write(part[:n])

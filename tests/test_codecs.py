@@ -181,3 +181,34 @@ def test_entropy_codec_without_pca_keeps_its_recipe():
     # Stores built before `pca` existed record {"name", "step", "zstd_level"}: still the same codec.
     assert EntropyCodec(0.2).to_dict() == {"name": "entropy", "step": 0.2, "zstd_level": 1}
     assert codec_from_dict({"name": "entropy", "step": 0.2, "zstd_level": 1}) == EntropyCodec(0.2)
+
+
+@pytest.mark.parametrize("codec, damage, problem", [
+    (Int8Codec("channel"), lambda p: {**p, "channel_scale": p["channel_scale"][:-1]}, "channel_scale"),
+    (Int4Codec(16), lambda p: {**p, "channel_scale": [0.0] * len(p["channel_scale"])}, "positive"),
+    (Int4Codec(16), lambda p: {}, "lacks channel_scale"),
+    (EntropyCodec(0.2, pca=True), lambda p: {**p, "rotation": p["rotation"][:-8]}, "rotation"),
+    (EntropyCodec(0.2, pca=True), lambda p: {**p, "mean": "zero"}, "mean"),
+    (EntropyCodec(0.2, pca=True), None, "not JSON"),
+])
+def test_damaged_codec_parameters_raise_corrupt_store_error(tmp_path, codec, damage, problem):
+    import json
+
+    from erstore.errors import CorruptStoreError
+    from erstore.localread import LocalReader
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "store"
+    with StoreWriter(path, recipe(codec, 32)) as w:
+        ids = rng.integers(0, 30000, size=9)
+        w.append(key_for_ids(ids.tolist()), activations(rng, 9, 32), ids)
+        w.commit()
+    (params_file,) = path.glob("arrays/*/codec.json")
+    params = json.loads(params_file.read_text())
+    params_file.write_text("{not json" if damage is None else json.dumps(damage(params)))
+    store = erstore.open(path)
+    for read in (lambda: store.read_positions(np.arange(1)),
+                 lambda: LocalReader(path, store.index, store.codec, 32).read_positions(np.arange(1))):
+        with pytest.raises(CorruptStoreError, match="codec.json") as caught:
+            read()
+        assert problem in str(caught.value) and "rebuild" in str(caught.value)
