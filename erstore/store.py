@@ -372,8 +372,8 @@ def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: in
                 params: dict[str, Any] | None = None) -> BuildArrays:
     """Open (or, given `create` metadata per array name, create) the arrays of one build.
 
-    Opening reads the build's codec parameters (`params` when creating) and checks them against
-    `codec`: damaged ones raise CorruptStoreError here, not a numpy error on the first read.
+    Creating writes `params` as the build's codec.json. Opening reads it back and checks it against
+    `codec`: damaged parameters raise CorruptStoreError here, not a numpy error on the first read.
     """
     handles = {}
     for name in [*codec.arrays(hidden_size), "tokens"]:
