@@ -93,6 +93,17 @@ def test_read_groups_keep_order_and_stay_within_budget():
     assert read_groups([], lengths, rows=30) == []
 
 
+def test_loader_reads_storage_once_per_group_not_per_batch(read_store, monkeypatch):
+    store = erstore.open(read_store)
+    calls = []
+    original = erstore.Store.start_read
+    monkeypatch.setattr(erstore.Store, "start_read", lambda self, positions, **kw: calls.append(len(positions))
+                        or original(self, positions, **kw))
+    loader = store.loader(batch_size=2, shuffle=True, seed=1)
+    assert len(keys_of(loader)) == len(store)
+    assert calls and len(calls) < len(loader) and sum(calls) == len(store)
+
+
 def test_loader_hands_out_the_dtype_asked_for(read_store):
     store = erstore.open(read_store)
     batch = next(iter(store.loader(batch_size=4, dtype=torch.bfloat16)))
