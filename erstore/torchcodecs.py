@@ -73,10 +73,9 @@ def _entropy(codec: EntropyCodec, parts: Mapping[str, torch.Tensor], params: Map
     if not codec.pca:
         return parts["states"].to(torch.float32) * parts["scales"].to(torch.float32)
     codes, device = parts["states"], parts["states"].device
-    mean, _ = codec.basis(dict(params), codes.shape[1])
     exact = codes.to(torch.float64) @ _rotation_t(params["rotation"], codes.shape[1], device)
     scaled = exact * (parts["scales"].to(torch.float64) / ROTATION_ONE)
-    return scaled.to(torch.float32) + torch.from_numpy(mean).to(device)
+    return scaled.to(torch.float32) + _param(params, "mean", device)
 
 
 @functools.lru_cache(maxsize=16)

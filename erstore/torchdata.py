@@ -471,13 +471,11 @@ class _Producer:
     def _decode_on_host(self, raw: list[RawEntry]) -> np.ndarray:
         """The entries' states concatenated in entry order, with one codec call per build."""
         builds = _builds(raw)
-        decoded = [self.codec.decode({name: np.concatenate([raw[i].parts[name] for i in members])
-                                      for name in raw[members[0]].parts}, raw[members[0]].params)
-                   for members in builds]
+        decoded = [self.codec.decode(parts, params) for _, parts, params in builds]
         if len(builds) == 1:
             return decoded[0]
         rows: list[Any] = [None] * len(raw)
-        for members, states in zip(builds, decoded):
+        for (members, _, _), states in zip(builds, decoded):
             ends = np.cumsum([len(raw[i].token_ids) for i in members])[:-1]
             for i, part in zip(members, np.split(states, ends)):
                 rows[i] = part
@@ -493,11 +491,10 @@ class _Producer:
             moved = {k: v.to(self.device, non_blocking=self.pin) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
             states = torch.zeros(b * width, self.dataset.hidden_size, dtype=self.dataset.dtype, device=self.device)
-            for members in _builds(raw):
-                parts = {name: self._host_to_device(np.concatenate([raw[i].parts[name] for i in members]))
-                         for name in raw[members[0]].parts}
+            for members, parts, params in _builds(raw):
                 where = rows[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])]
-                decoded = torchcodecs.decode(self.codec, parts, raw[members[0]].params)
+                decoded = torchcodecs.decode(self.codec, {name: self._host_to_device(p) for name, p in parts.items()},
+                                             params)
                 states.index_copy_(0, self._host_to_device(where), decoded.to(states.dtype))
             moved["hidden_states"] = states.view(b, width, -1)
             if self.cuda:
@@ -548,12 +545,14 @@ class _Producer:
         return moved
 
 
-def _builds(raw: list[RawEntry]) -> list[list[int]]:
-    """Indices of `raw` by build: sequences of one build share codec parameters, so decode together."""
-    builds: dict[int, list[int]] = {}
+def _builds(raw: list[RawEntry]) -> list[tuple[list[int], dict[str, np.ndarray], dict[str, Any]]]:
+    """Per build among `raw` (sequences of one build share codec parameters, so decode together):
+    the indices of its entries, their stored parts concatenated in that order, and its parameters."""
+    members: dict[int, list[int]] = {}
     for i, e in enumerate(raw):
-        builds.setdefault(id(e.params), []).append(i)
-    return list(builds.values())
+        members.setdefault(id(e.params), []).append(i)
+    return [(m, {name: np.concatenate([raw[i].parts[name] for i in m]) for name in raw[m[0]].parts},
+             raw[m[0]].params) for m in members.values()]
 
 
 def read_groups(batches: Sequence[np.ndarray], lengths: np.ndarray, rows: int) -> list[list[np.ndarray]]:
@@ -564,10 +563,10 @@ def read_groups(batches: Sequence[np.ndarray], lengths: np.ndarray, rows: int) -
     sequences together fetches each chunk once and merges neighbours into a few long spans.
     """
     groups: list[list[np.ndarray]] = []
-    total = rows
+    total = 0
     for idx in batches:
         size = int(lengths[idx].sum())
-        if total + size > rows:
+        if not groups or total + size > rows:
             groups.append([])
             total = 0
         groups[-1].append(idx)
