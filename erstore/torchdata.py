@@ -405,15 +405,16 @@ class _Producer:
     def __init__(self, loader: Loader, batches: list[np.ndarray]):
         self.dataset, self.collate, self.batches = loader.dataset, loader.collate, batches
         self.device, self.pin = loader.device, loader.pin
+        self.on_device = loader.decode_on_device and not _FORKED  # forked readers decode on the host
         d, width = loader.dataset.hidden_size, loader.dataset.max_length
-        count = loader.prefetch + 2 if loader.reuse_buffers else 0
+        # Host staging buffers only for host-side collation: decoding on the device pads there.
+        count = loader.prefetch + 2 if loader.reuse_buffers and not self.on_device else 0
         self.pooled = count > 0
         self.free: queue.Queue[_Buffers] = queue.Queue()
         for _ in range(count):
             self.free.put(_Buffers(loader.batch_size, width, d, loader.dataset.dtype, pin=self.pin))
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self.on_device = loader.decode_on_device and not _FORKED  # forked readers decode on the host
         # Reads return stored parts, decoded batch by batch (not a whole group at once, which
         # would stall the queue); forked readers return decoded entries.
         self.codec = None if _FORKED else loader.dataset.store.codec
