@@ -8,7 +8,10 @@ fp16). Then, on the same stored bytes:
   zstd    zstd-1 decompression alone of the same data, in ~768 KiB blocks (the store's chunks)
   loader  erstore Loader, sequential, block-shuffled, and block-shuffled with length buckets;
           padded fp32 batches on CPU
-  wait    a consumer computing >= 5 ms per batch (matmuls): mean time it waits for data
+  wait    a consumer computing ~5 ms per batch (matmuls): mean time next() takes, and the part
+          of it blocked on a batch not yet ready. Three child processes: torch's defaults; with
+          OMP_WAIT_POLICY=PASSIVE (idle OpenMP workers sleep instead of spinning); on 1 torch
+          thread (a core left to the loader, as with a GPU consumer)
 GB/s are bytes of *decoded stored activations* (real tokens x d x 2 bytes for fp16), so every row
 compares the same work. Appends one JSON line to benchmarks/results.jsonl.
 """
@@ -16,6 +19,11 @@ compares the same work. Appends one JSON line to benchmarks/results.jsonl.
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +48,59 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
+def consume(store: str, batch_size: int, prefetch: int, compute_ms: float, threads: int = 0) -> dict:
+    """A consumer that computes (matmuls, on `threads` torch threads; 0: torch's default) about
+    `compute_ms` per batch when alone on the machine, over one shuffled epoch.
+
+    wait: from calling next() until the new batch is bound (what a `for batch in loader` loop
+    pays); blocked: the part of it spent on an empty queue (the Loader's own `waited` counter),
+    i.e. waiting for data that was not ready. The first batch is reported apart. One epoch without
+    compute and a full garbage collection first: in a fresh process the first full collection
+    after importing torch takes ~80 ms and would otherwise land in the measured epoch.
+    """
+    import torch
+
+    with erstore.open(store).loader(batch_size=batch_size, shuffle=True, seed=0, prefetch=prefetch) as warm:
+        sum(len(b["keys"]) for b in warm)
+    gc.collect()
+
+    if threads:
+        torch.set_num_threads(threads)
+    a = torch.randn(256, 256)
+    one = timed(lambda: [a @ a for _ in range(10)], repeat=5) / 10
+    reps = max(1, math.ceil(compute_ms / 1e3 / one))  # a fixed number of matmuls per batch
+    waits, computes = [], []
+    with erstore.open(store).loader(batch_size=batch_size, shuffle=True, seed=1, prefetch=prefetch) as loader:
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            waits.append(time.perf_counter() - t)
+            if len(waits) == 1:
+                blocked_first = it.waited
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ a
+            batch["hidden_states"].sum()
+            computes.append(time.perf_counter() - t)
+        blocked = (it.waited - blocked_first) / (len(waits) - 1)
+    rest = np.array(waits[1:]) * 1e3
+    return {"compute_ms_mean": round(float(np.mean(computes)) * 1e3, 2),
+            "wait_ms_mean": round(float(rest.mean()), 3), "wait_ms_p95": round(float(np.percentile(rest, 95)), 3),
+            "blocked_ms_mean": round(blocked * 1e3, 3), "first_batch_wait_ms": round(waits[0] * 1e3, 2)}
+
+
+def consume_in_child(args: argparse.Namespace, env: dict[str, str], threads: int = 0) -> dict:
+    """`consume` in a fresh process with `env` added (OpenMP reads it when torch loads)."""
+    cmd = [sys.executable, __file__, "--consumer-only", "--store", args.store, "--batch-size", str(args.batch_size),
+           "--prefetch", str(args.prefetch), "--compute-ms", str(args.compute_ms), "--threads", str(threads)]
+    out = subprocess.run(cmd, env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "erstore-bench-minilm-l3"))
@@ -47,13 +108,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--compute-ms", type=float, default=5.0)
+    ap.add_argument("--consumer-only", action="store_true", help="only the consumer measurement, as JSON")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the consumer (0: default)")
     args = ap.parse_args()
+    if args.consumer_only:
+        print(json.dumps(consume(args.store, args.batch_size, args.prefetch, args.compute_ms, args.threads)))
+        return
 
     if not (Path(args.store) / "erstore.json").exists():
         print(f"building {args.store} (MiniLM layer 3, {args.limit} documents) ...")
         erstore.build(layers=(3,), store=args.store, limit=args.limit, progress=False)
     store = erstore.open(args.store)
-    import torch
     import zstandard
 
     # The same bytes, decoded once: every stored sequence concatenated in storage order.
@@ -90,33 +155,9 @@ def main() -> None:
     t_shuf = min(run_loader(True)[0] for _ in range(3))
     t_bucket = min(run_loader(True, bucket=True)[0] for _ in range(3))
 
-    # Consumer that computes: matmuls sized to take >= compute_ms per batch on this machine.
-    a = torch.randn(512, 512)
-    reps, spent = 1, 0.0
-    while spent < args.compute_ms / 1e3:
-        reps *= 2
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ a
-        spent = time.perf_counter() - t
-    waits, computes = [], []
-    with erstore.open(args.store).loader(batch_size=args.batch_size, shuffle=True, seed=1,
-                                         prefetch=args.prefetch) as loader:
-        it = iter(loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            waits.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for _ in range(reps):
-                a @ a
-            batch["hidden_states"].sum()
-            computes.append(time.perf_counter() - t)
-    waits_ms = np.array(waits[1:]) * 1e3  # the first batch cannot have been prefetched
-
+    consumers = {"consumer": consume_in_child(args, {}),
+                 "consumer_omp_passive": consume_in_child(args, {"OMP_WAIT_POLICY": "PASSIVE"}),
+                 "consumer_one_thread": consume_in_child(args, {}, threads=1)}
     gbs = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
     results = {
         "store": args.store, "sequences": len(store), "tokens": tokens, "hidden_size": d,
@@ -130,10 +171,7 @@ def main() -> None:
         "loader_shuffled_bucketed_seq_s": round(len(store) / t_bucket, 1),
         "bucketed_over_zstd": round(t_zstd / t_bucket, 3),
         "shuffled_over_zstd": round(t_zstd / t_shuf, 3), "sequential_over_zstd": round(t_zstd / t_seq, 3),
-        "consumer_compute_ms_mean": round(float(np.mean(computes)) * 1e3, 2),
-        "consumer_wait_ms_mean": round(float(waits_ms.mean()), 3),
-        "consumer_wait_ms_p95": round(float(np.percentile(waits_ms, 95)), 3),
-        "first_batch_wait_ms": round(waits[0] * 1e3, 2),
+        **{f"{name}_{k}": v for name, c in consumers.items() for k, v in c.items()},
     }
     print(f"{'path':<28}{'GB/s':>8}{'seq/s':>10}")
     print(f"{'numpy, page cache (+fp32)':<28}{results['numpy_page_cache_gbs']:>8.3f}")
@@ -142,8 +180,12 @@ def main() -> None:
     print(f"{'loader shuffled (blocks)':<28}{results['loader_shuffled_gbs']:>8.3f}{results['loader_shuffled_seq_s']:>10.0f}")
     print(f"{'loader shuffled + buckets':<28}{results['loader_shuffled_bucketed_gbs']:>8.3f}{results['loader_shuffled_bucketed_seq_s']:>10.0f}")
     print(f"shuffled / zstd bound: {results['shuffled_over_zstd']:.2f} (target >= 0.7)")
-    print(f"consumer computing {results['consumer_compute_ms_mean']:.1f} ms/batch waits "
-          f"{results['consumer_wait_ms_mean']:.3f} ms/batch on average (p95 {results['consumer_wait_ms_p95']:.3f} ms)")
+    labels = {"consumer": "consumer", "consumer_omp_passive": "consumer, OMP_WAIT_POLICY=PASSIVE",
+              "consumer_one_thread": "consumer on 1 torch thread"}
+    for name, c in consumers.items():
+        print(f"{labels[name]} computing {c['compute_ms_mean']:.1f} ms/batch: next() takes "
+              f"{c['wait_ms_mean']:.3f} ms/batch on average (p95 {c['wait_ms_p95']:.3f}), of which blocked "
+              f"on a batch not yet ready {c['blocked_ms_mean']:.3f} ms; first batch {c['first_batch_wait_ms']:.1f} ms")
     record("read", results)
 
 

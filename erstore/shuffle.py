@@ -12,7 +12,8 @@
    trimmed (`drop_last`) to a multiple of `world_size`, and rank r takes the r-th contiguous
    share, so ranks are disjoint, together complete, and all get the same number of batches.
 4. Optional length bucketing: inside each shuffle window the share is sorted by length before
-   cutting batches and the batches are shuffled, which cuts padding without a global sort.
+   cutting batches and the window's batches are shuffled, which cuts padding without a global
+   sort and keeps each window's reads together.
 
 The order is a pure function of (seed, epoch): resuming at (epoch, step) just skips `step`
 batches. No torch here; `BatchPlan` is a valid `batch_sampler` for `torch.utils.data.DataLoader`.
@@ -119,16 +120,20 @@ class BatchPlan:
         return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
     def _bucketed(self, mine: np.ndarray, window: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """Sort each window by length, cut batches, then shuffle all batches of the share."""
+        """Per shuffle window: sort by length, cut batches, shuffle them. Windows keep their order, so
+        a window's batches still share its chunks (the Loader reads them together); a global batch
+        shuffle would scatter every read group over the whole store."""
         batches: list[np.ndarray] = []
-        for w in range(0, len(mine), max(window, self.batch_size)):
-            part = mine[w : w + max(window, self.batch_size)]
+        partial: list[np.ndarray] = []
+        step = max(window, self.batch_size)
+        for w in range(0, len(mine), step):
+            part = mine[w : w + step]
             part = part[np.argsort(-self.length[part], kind="stable")]
-            batches.extend(part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size))
-        full = [b for b in batches if len(b) == self.batch_size]
-        partial = [b for b in batches if len(b) < self.batch_size]
-        order = rng.permutation(len(full))
+            cut = [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+            full = [b for b in cut if len(b) == self.batch_size]
+            partial.extend(b for b in cut if len(b) < self.batch_size)
+            batches.extend(full[i] for i in rng.permutation(len(full)))
         # Partial batches (window tails) are merged into one trailing batch stream.
         rest = np.concatenate(partial) if partial else np.zeros(0, dtype=np.int64)
         tail = [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
-        return ([full[i] for i in order] + tail)[: self.batches_per_epoch]
+        return (batches + tail)[: self.batches_per_epoch]

@@ -304,6 +304,8 @@ class Loader:
 
     Iterating yields the rest of the current epoch (from `step`), then moves to the next epoch.
     `state_dict()` / `load_state_dict()` save and restore (epoch, step) for exact resumption.
+    The epoch iterator's `waited` counts the seconds `next()` spent blocked on a batch that was
+    not ready yet (0 when the loader keeps ahead of the consumer).
 
     Args:
         dataset: a `StoreDataset` (or a `Store`, wrapped in one).
@@ -611,7 +613,7 @@ class _Epoch:
         self._held: _Buffers | None = None
         self._finalizer = weakref.finalize(self, _shutdown, self.stop, self.thread)
         self.thread.start()
-        self.waited = 0.0  # seconds the consumer spent waiting for data
+        self.waited = 0.0  # seconds next() spent blocked on a batch not ready yet
 
     def __iter__(self) -> _Epoch:
         return self

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -136,6 +137,20 @@ def test_shuffle_is_seeded_resumable_and_changes_per_epoch(read_store):
     assert keys_of(resumed) == second  # then it carries on with the next epoch
 
 
+def test_length_buckets_stay_inside_their_shuffle_window():
+    # 64 sequences, blocks of 4 (800 rows), windows of 2 blocks = 8 sequences = 2 batches of 4.
+    lengths = np.random.default_rng(0).integers(50, 150, 64)
+    plan = BatchPlan(np.zeros(64), np.arange(64) * 200, lengths, batch_size=4, shuffle=True, seed=0,
+                     block_rows=800, buffer_blocks=2, bucket_by_length=True)
+    batches = list(plan)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(64))
+    for longer, shorter in zip(batches[0::2], batches[1::2], strict=True):
+        # A window's two batches follow each other, cover its two blocks, and split it by length.
+        window = np.concatenate([longer, shorter])
+        assert len({i // 4 for i in window}) == 2
+        assert (lengths[longer].min() >= lengths[shorter].max()) or (lengths[shorter].min() >= lengths[longer].max())
+
+
 def test_block_shuffle_keeps_neighbours_together():
     # 64 sequences of 100 rows, blocks of 400 rows -> 16 blocks of 4; a window of 2 blocks.
     rows = np.arange(64) * 100
@@ -175,6 +190,24 @@ def test_distributed_shards_are_disjoint_complete_and_even(read_store, drop_last
         assert set(everything) == set(store)  # complete; repeats only to even out the shares
         assert len(everything) == -(-len(store) // world) * world
         assert len(everything) - len(set(everything)) == len(everything) - len(store)
+
+
+def test_epoch_counts_the_time_spent_blocked_on_data(read_store, monkeypatch):
+    store = erstore.open(read_store)
+    original = erstore.Store.start_read
+
+    def slow_start_read(self, positions, **kw):
+        time.sleep(0.2)  # every read group arrives 0.2 s late
+        return original(self, positions, **kw)
+
+    monkeypatch.setattr(erstore.Store, "start_read", slow_start_read)
+    with store.loader(batch_size=4) as loader:
+        t = time.perf_counter()
+        epoch = iter(loader)
+        n = sum(1 for _ in epoch)
+        elapsed = time.perf_counter() - t
+    assert n == len(loader)
+    assert 0.2 <= epoch.waited <= elapsed
 
 
 def test_early_stop_and_garbage_collection_leave_no_thread(read_store):
