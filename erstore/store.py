@@ -380,8 +380,8 @@ def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: in
         spec: dict[str, Any] = {"driver": "zarr3", "kvstore": location.child_spec(f"arrays/{array_id}/{name}")}
         if create is not None:
             spec.update(metadata=create[name], create=True)
-        else:
-            spec["open"] = True
+        else:  # a committed build's arrays never change: cached chunks need no revalidation
+            spec.update(open=True, recheck_cached_data=False, recheck_cached_metadata=False)
         try:
             handles[name] = ts.open(spec, context=context).result() if context else ts.open(spec).result()
         except ValueError as e:

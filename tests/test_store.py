@@ -151,3 +151,22 @@ def test_bytes_on_disk_scale_with_tokens_not_padding(tmp_path):
     assert m.added.tokens == 530
     padded = 11 * 500 * 64 * 4
     assert m.added.bytes < 0.2 * padded
+
+
+def file_reads() -> int:
+    import tensorstore as ts
+
+    found = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/read")
+    return sum(v.get("value", 0) for m in found if m["name"] == "/tensorstore/kvstore/file/read" for v in m["values"])
+
+
+def test_cached_chunks_of_a_committed_build_are_not_revalidated(tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = random_seqs(rng, 5, 8)
+    write(tmp_path / "s", make_recipe(8), seqs)
+    with erstore.open(tmp_path / "s") as store:
+        key = next(iter(store))
+        first = store.get(key)
+        before = file_reads()
+        np.testing.assert_array_equal(store.get(key), first)  # served by the cache pool
+        assert file_reads() == before  # no storage request to check the chunk is still current
