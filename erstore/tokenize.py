@@ -17,7 +17,7 @@ from typing import Any
 
 import xxhash
 
-from erstore.errors import IncompatibleStoreError, InvalidInputError
+from erstore.errors import ErstoreError, IncompatibleStoreError, InvalidInputError
 from erstore.manifest import Recipe
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -84,6 +84,32 @@ class Windower:
         if not 0 <= self.stride < self.max_length // 2:
             raise InvalidInputError(
                 f"--stride must be in [0, max_length/2) = [0, {self.max_length // 2}), got {self.stride}"
+            )
+        self._check_overflow()
+
+    def _check_overflow(self) -> None:
+        """Fail before any compute if the tokenizer loses overflow windows.
+
+        tokenizers 0.23.1 and 0.23.2 stop tokenizing at `max_length` when truncating
+        (huggingface/tokenizers#2091), so a long document silently became one or two windows.
+        A canary text of ~4 windows must come back whole: each window's tokens (specials
+        dropped) minus the `stride` tokens it repeats from the previous one, concatenated.
+        """
+        text = " ".join(f"w{i}" for i in range(4 * self.max_length))
+        full = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        specials = set(self.tokenizer.all_special_ids)
+        kept: list[int] = []
+        for i, ids in enumerate(self._encode([text], None)["input_ids"]):
+            content = [t for t in ids if t not in specials]
+            kept += content if i == 0 else content[self.stride :]
+        if kept != full:
+            import tokenizers
+
+            raise ErstoreError(
+                f"tokenizers {tokenizers.__version__} drops the overflow windows of long texts (a "
+                f"canary of {len(full)} tokens came back as {len(kept)}): a known bug of tokenizers "
+                "0.23.1 and 0.23.2 (huggingface/tokenizers#2091); long documents would lose all but "
+                "their first windows. Install a fixed version: pip install 'tokenizers>=0.23.3'"
             )
 
     @classmethod

@@ -112,3 +112,29 @@ def test_dtypes_are_recorded_and_cast(tiny_bert, corpus, tmp_path):
         tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
         ref = reference_states(tiny_bert, tok(SENTENCES[0])["input_ids"], 2)
         assert np.abs(states.astype(np.float32) - ref).max() <= np.abs(ref).max() * 2**-8
+
+
+class FirstWindowOnly:
+    """A real tokenizer that, like tokenizers 0.23.1-0.23.2 (huggingface/tokenizers#2091), keeps
+    only the first window of a truncated long text."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.real(*args, **kwargs)
+        if kwargs.get("return_overflowing_tokens"):
+            out["input_ids"] = out["input_ids"][:1]
+        return out
+
+
+def test_a_tokenizer_that_loses_overflow_windows_is_refused_before_any_compute(tiny_bert):
+    from erstore.tokenize import Windower, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_bert))
+    assert len(Windower(tokenizer, 32, 8).windows("word " * 200)) > 1
+    with pytest.raises(erstore.ErstoreError, match=r"tokenizers#2091.*tokenizers>=0\.23\.3"):
+        Windower(FirstWindowOnly(tokenizer), 32, 8)
