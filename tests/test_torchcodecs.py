@@ -33,10 +33,12 @@ def test_torch_decode_equals_numpy_decode(codec):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("codec", [Int8Codec("both"), Int4Codec(16), Int4Codec(16, rotate=False),
                                    EntropyCodec(0.2, pca=True),
                                    LosslessCodec("bfloat16", shuffle=True)], ids=lambda c: str(c.to_dict()))
-def test_loader_decoding_on_device_matches_host_decoding(tmp_path, codec):
+def test_loader_decoding_on_device_matches_host_decoding(tmp_path, codec, device):
     # Two builds, so batches mix rows of two sets of codec parameters (channel scales differ).
     rng = np.random.default_rng(6)
     path = tmp_path / "store"
@@ -52,8 +54,10 @@ def test_loader_decoding_on_device_matches_host_decoding(tmp_path, codec):
     # Small shuffle windows: several read groups, each decoded batch by batch.
     options = dict(labels=labels, batch_size=4, shuffle=True, seed=2, block_rows=16, buffer_blocks=2)
     host = store.loader(**options)
-    device = store.loader(**options, decode_on_device=True)
-    pairs = list(zip(host, device))
+    decoded = list(store.loader(**options, device=device, decode_on_device=True))
+    assert all(b["hidden_states"].device.type == device for b in decoded)
+    pairs = [(a, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+             for a, b in zip(host, decoded)]
     assert len(pairs) == len(host) and {len(b["keys"]) for b, _ in pairs} == {4, 2}
     for a, b in pairs:
         assert a.keys() == b.keys() and a["keys"] == b["keys"]
