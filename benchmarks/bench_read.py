@@ -7,11 +7,12 @@ fp16). Then, on the same stored bytes:
   numpy   reading the raw fp16 states uncompressed from one file in page cache (+ fp32 cast)
   zstd    zstd-1 decompression alone of the same data, in ~768 KiB blocks (the store's chunks)
   loader  erstore Loader, sequential, block-shuffled, and block-shuffled with length buckets;
-          padded fp32 batches on CPU
+          padded fp32 batches on CPU (with a GPU also: shuffled batches delivered on it, decoded
+          there or decoded on the host and copied from pinned memory)
   wait    a consumer computing ~5 ms per batch (matmuls): mean time next() takes, and the part
           of it blocked on a batch not yet ready. Three child processes: torch's defaults; with
           OMP_WAIT_POLICY=PASSIVE (idle OpenMP workers sleep instead of spinning); on 1 torch
-          thread (a core left to the loader, as with a GPU consumer)
+          thread (a core left to the loader, as with a GPU consumer); with a GPU, on the GPU
 GB/s are bytes of *decoded stored activations* (real tokens x d x 2 bytes for fp16), so every row
 compares the same work. Appends one JSON line to benchmarks/results.jsonl.
 """
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,9 +50,12 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def consume(store: str, batch_size: int, prefetch: int, compute_ms: float, threads: int = 0) -> dict:
+def consume(store: str, batch_size: int, prefetch: int, compute_ms: float, threads: int = 0,
+            device: str = "cpu") -> dict:
     """A consumer that computes (matmuls, on `threads` torch threads; 0: torch's default) about
-    `compute_ms` per batch when alone on the machine, over one shuffled epoch.
+    `compute_ms` per batch when alone on the machine, over one shuffled epoch. On "cuda" the
+    batches arrive on the GPU, the matmuls run there, and each step ends with `.item()` (as a
+    training loop reading its loss does), so the GPU work is not just queued.
 
     wait: from calling next() until the new batch is bound (what a `for batch in loader` loop
     pays); blocked: the part of it spent on an empty queue (the Loader's own `waited` counter),
@@ -60,17 +65,19 @@ def consume(store: str, batch_size: int, prefetch: int, compute_ms: float, threa
     """
     import torch
 
-    with erstore.open(store).loader(batch_size=batch_size, shuffle=True, seed=0, prefetch=prefetch) as warm:
+    options = {"batch_size": batch_size, "shuffle": True, "prefetch": prefetch, "device": device}
+    with erstore.open(store).loader(seed=0, **options) as warm:
         sum(len(b["keys"]) for b in warm)
     gc.collect()
 
     if threads:
         torch.set_num_threads(threads)
-    a = torch.randn(256, 256)
-    one = timed(lambda: [a @ a for _ in range(10)], repeat=5) / 10
+    a = torch.randn(2048 if device == "cuda" else 256, 256, device=device)
+    b = torch.randn(256, 256, device=device)
+    one = timed(lambda: [a @ b for _ in range(10)][-1].sum().item(), repeat=5) / 10
     reps = max(1, math.ceil(compute_ms / 1e3 / one))  # a fixed number of matmuls per batch
     waits, computes = [], []
-    with erstore.open(store).loader(batch_size=batch_size, shuffle=True, seed=1, prefetch=prefetch) as loader:
+    with erstore.open(store).loader(seed=1, **options) as loader:
         it = iter(loader)
         while True:
             t = time.perf_counter()
@@ -83,8 +90,8 @@ def consume(store: str, batch_size: int, prefetch: int, compute_ms: float, threa
                 blocked_first = it.waited
             t = time.perf_counter()
             for _ in range(reps):
-                a @ a
-            batch["hidden_states"].sum()
+                a @ b
+            batch["hidden_states"].sum().item()
             computes.append(time.perf_counter() - t)
         blocked = (it.waited - blocked_first) / (len(waits) - 1)
     rest = np.array(waits[1:]) * 1e3
@@ -93,10 +100,11 @@ def consume(store: str, batch_size: int, prefetch: int, compute_ms: float, threa
             "blocked_ms_mean": round(blocked * 1e3, 3), "first_batch_wait_ms": round(waits[0] * 1e3, 2)}
 
 
-def consume_in_child(args: argparse.Namespace, env: dict[str, str], threads: int = 0) -> dict:
+def consume_in_child(args: argparse.Namespace, env: dict[str, str], threads: int = 0, device: str = "cpu") -> dict:
     """`consume` in a fresh process with `env` added (OpenMP reads it when torch loads)."""
     cmd = [sys.executable, __file__, "--consumer-only", "--store", args.store, "--batch-size", str(args.batch_size),
-           "--prefetch", str(args.prefetch), "--compute-ms", str(args.compute_ms), "--threads", str(threads)]
+           "--prefetch", str(args.prefetch), "--compute-ms", str(args.compute_ms), "--threads", str(threads),
+           "--device", device]
     out = subprocess.run(cmd, env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -134,14 +142,18 @@ def main() -> None:
     ap.add_argument("--compute-ms", type=float, default=5.0)
     ap.add_argument("--consumer-only", action="store_true", help="only the consumer measurement, as JSON")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the consumer (0: default)")
+    ap.add_argument("--device", default="cpu", help="where the consumer-only measurement computes")
     args = ap.parse_args()
     if args.consumer_only:
-        print(json.dumps(consume(args.store, args.batch_size, args.prefetch, args.compute_ms, args.threads)))
+        print(json.dumps(consume(args.store, args.batch_size, args.prefetch, args.compute_ms, args.threads,
+                                 args.device)))
         return
 
     if not (Path(args.store) / "erstore.json").exists():
         print(f"building {args.store} (MiniLM layer 3, {args.limit} documents) ...")
         erstore.build(layers=(3,), store=args.store, limit=args.limit, progress=False)
+    import torch
+
     base = baselines(args.store)
     nbytes, n_sequences = base["decoded_bytes"], base["sequences"]
     print(f"store {args.store}: {n_sequences} sequences, {base['tokens']} tokens x {base['hidden_size']}, "
@@ -149,22 +161,33 @@ def main() -> None:
     print(machine())
     t_numpy, t_zstd = base.pop("numpy_s"), base.pop("zstd_s")
 
-    def run_loader(shuffle: bool, bucket: bool = False) -> tuple[float, int]:
+    def run_loader(shuffle: bool, bucket: bool = False, **device: Any) -> float:
         store_ = erstore.open(args.store)  # cold cache pool (file bytes stay in page cache)
         with store_.loader(batch_size=args.batch_size, shuffle=shuffle, seed=0, prefetch=args.prefetch,
-                           bucket_by_length=bucket) as loader:
+                           bucket_by_length=bucket, **device) as loader:
             t = time.perf_counter()
-            n = sum(len(b["keys"]) for b in loader)
-            return time.perf_counter() - t, n
+            last = None
+            for last in loader:
+                pass
+            if last is not None and last["hidden_states"].is_cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t
 
     run_loader(False)  # warm-up: page cache, imports
-    t_seq = min(run_loader(False)[0] for _ in range(3))
-    t_shuf = min(run_loader(True)[0] for _ in range(3))
-    t_bucket = min(run_loader(True, bucket=True)[0] for _ in range(3))
+    t_seq = min(run_loader(False) for _ in range(3))
+    t_shuf = min(run_loader(True) for _ in range(3))
+    t_bucket = min(run_loader(True, bucket=True) for _ in range(3))
+    cuda = torch.cuda.is_available()
+    if cuda:  # batches delivered on the GPU: decoded there (the default), or decoded on the host and copied pinned
+        run_loader(True, device="cuda")
+        t_cuda = min(run_loader(True, device="cuda") for _ in range(3))
+        t_pinned = min(run_loader(True, device="cuda", decode_on_device=False) for _ in range(3))
 
     consumers = {"consumer": consume_in_child(args, {}),
                  "consumer_omp_passive": consume_in_child(args, {"OMP_WAIT_POLICY": "PASSIVE"}),
                  "consumer_one_thread": consume_in_child(args, {}, threads=1)}
+    if cuda:
+        consumers["consumer_gpu"] = consume_in_child(args, {}, device="cuda")
     gbs = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
     results = {
         "store": args.store, **base, "batch_size": args.batch_size, "prefetch": args.prefetch,
@@ -178,15 +201,22 @@ def main() -> None:
         "shuffled_over_zstd": round(t_zstd / t_shuf, 3), "sequential_over_zstd": round(t_zstd / t_seq, 3),
         **{f"{name}_{k}": v for name, c in consumers.items() for k, v in c.items()},
     }
+    if cuda:
+        results.update(loader_cuda_shuffled_gbs=round(gbs(t_cuda), 3), cuda_shuffled_over_zstd=round(t_zstd / t_cuda, 3),
+                       loader_cuda_pinned_shuffled_gbs=round(gbs(t_pinned), 3),
+                       cuda_pinned_shuffled_over_zstd=round(t_zstd / t_pinned, 3))
     print(f"{'path':<28}{'GB/s':>8}{'seq/s':>10}")
     print(f"{'numpy, page cache (+fp32)':<28}{results['numpy_page_cache_gbs']:>8.3f}")
     print(f"{'zstd-1 decompress only':<28}{results['zstd_only_gbs']:>8.3f}")
     print(f"{'loader sequential':<28}{results['loader_sequential_gbs']:>8.3f}{results['loader_sequential_seq_s']:>10.0f}")
     print(f"{'loader shuffled (blocks)':<28}{results['loader_shuffled_gbs']:>8.3f}{results['loader_shuffled_seq_s']:>10.0f}")
     print(f"{'loader shuffled + buckets':<28}{results['loader_shuffled_bucketed_gbs']:>8.3f}{results['loader_shuffled_bucketed_seq_s']:>10.0f}")
+    if cuda:
+        print(f"{'loader shuffled -> cuda':<28}{results['loader_cuda_shuffled_gbs']:>8.3f}")
+        print(f"{'  (host decode, pinned)':<28}{results['loader_cuda_pinned_shuffled_gbs']:>8.3f}")
     print(f"shuffled / zstd bound: {results['shuffled_over_zstd']:.2f} (target >= 0.7)")
     labels = {"consumer": "consumer", "consumer_omp_passive": "consumer, OMP_WAIT_POLICY=PASSIVE",
-              "consumer_one_thread": "consumer on 1 torch thread"}
+              "consumer_one_thread": "consumer on 1 torch thread", "consumer_gpu": "consumer on the GPU"}
     for name, c in consumers.items():
         print(f"{labels[name]} computing {c['compute_ms_mean']:.1f} ms/batch: next() takes "
               f"{c['wait_ms_mean']:.3f} ms/batch on average (p95 {c['wait_ms_p95']:.3f}), of which blocked "

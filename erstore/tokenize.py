@@ -92,15 +92,29 @@ class Windower:
 
         tokenizers 0.23.1 and 0.23.2 stop tokenizing at `max_length` when truncating
         (huggingface/tokenizers#2091), so a long document silently became one or two windows.
-        A canary text of ~4 windows must come back whole: each window's tokens (specials
-        dropped) minus the `stride` tokens it repeats from the previous one, concatenated.
+        A canary text of ~4 windows must come back whole: each window's tokens (the specials it
+        added dropped) minus the `stride` tokens it repeats from the previous one, concatenated.
         """
         text = " ".join(f"w{i}" for i in range(4 * self.max_length))
-        full = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        specials = set(self.tokenizer.all_special_ids)
+        # Calls set truncation/padding on the Rust tokenizer, which its JSON (the fingerprint)
+        # includes: put them back, so that creating a Windower does not change the fingerprint.
+        backend = self.tokenizer.backend_tokenizer
+        truncation, padding = backend.truncation, backend.padding
+        try:
+            full = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            windows = self._encode([text], None, return_special_tokens_mask=True)
+        finally:
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
         kept: list[int] = []
-        for i, ids in enumerate(self._encode([text], None)["input_ids"]):
-            content = [t for t in ids if t not in specials]
+        for i, (ids, added) in enumerate(zip(windows["input_ids"], windows["special_tokens_mask"])):
+            content = [t for t, special in zip(ids, added) if not special]  # [UNK] stays: it is content
             kept += content if i == 0 else content[self.stride :]
         if kept != full:
             import tokenizers

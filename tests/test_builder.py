@@ -132,9 +132,12 @@ class FirstWindowOnly:
 
 
 def test_a_tokenizer_that_loses_overflow_windows_is_refused_before_any_compute(tiny_bert):
-    from erstore.tokenize import Windower, load_tokenizer
+    from erstore.tokenize import Windower, load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(str(tiny_bert))
-    assert len(Windower(tokenizer, 32, 8).windows("word " * 200)) > 1
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    windower = Windower(tokenizer, 32, 8)
+    assert tokenizer_fingerprint(tokenizer) == fingerprint  # the check leaves no state behind
+    assert len(windower.windows("word " * 200)) > 1
     with pytest.raises(erstore.ErstoreError, match=r"tokenizers#2091.*tokenizers>=0\.23\.3"):
         Windower(FirstWindowOnly(tokenizer), 32, 8)
