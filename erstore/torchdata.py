@@ -203,18 +203,12 @@ class Collate:
                  dtype: torch.dtype = torch.float32):
         self.pad_token_id, self.label_pad, self.dtype = pad_token_id, label_pad, dtype
 
-    def __call__(self, items: Sequence[Mapping[str, Any]], out: _Buffers | None = None, *,
-                 states: Any = None) -> dict[str, Any]:
-        """The padded batch of `items`; `states` may give their hidden states already concatenated
-        in item order (rows [sum of lengths, d]) instead of each item's "hidden_states"."""
+    def __call__(self, items: Sequence[Mapping[str, Any]], out: _Buffers | None = None) -> dict[str, Any]:
         if not items:
             raise InvalidInputError("cannot collate an empty batch")
         lengths = [len(it["input_ids"]) for it in items]
         b, width = len(items), max(lengths)
-        if states is None:
-            parts = [_tensor(it["hidden_states"]) for it in items]
-        else:
-            parts = list(_tensor(states).split(lengths))
+        parts = [_tensor(it["hidden_states"]) for it in items]
         d = int(parts[0].shape[-1])
         if out is None:
             out = _Buffers(b, width, d, self.dtype)
@@ -458,11 +452,8 @@ class _Producer:
         if self.on_device:
             return self._decode_on_device(entries, idx), None
         buf = self._take(stop)
-        if self.codec is None:
-            batch = self.collate(self._items(entries, idx, states=[e.states for e in entries]), out=buf)
-        else:
-            batch = self.collate(self._items(entries, idx, states=None), out=buf,
-                                 states=self._decode_on_host(entries))
+        states = [e.states for e in entries] if self.codec is None else self._decode_on_host(entries)
+        batch = self.collate(self._items(entries, idx, states=states), out=buf)
         return self._to_device(batch, buf), buf
 
     def _items(self, entries: Sequence[Any], idx: np.ndarray, *, states: Sequence[Any] | None) -> list[dict[str, Any]]:
@@ -475,18 +466,14 @@ class _Producer:
                 item.update(self.dataset.fields[i])
         return items
 
-    def _decode_on_host(self, raw: list[RawEntry]) -> np.ndarray:
-        """The entries' states concatenated in entry order, with one codec call per build."""
-        builds = _builds(raw)
-        decoded = [self.codec.decode(parts, params) for _, parts, params in builds]
-        if len(builds) == 1:
-            return decoded[0]
+    def _decode_on_host(self, raw: list[RawEntry]) -> list[torch.Tensor]:
+        """Each entry's states (views of its build's decoded rows), with one codec call per build."""
         rows: list[Any] = [None] * len(raw)
-        for (members, _, _), states in zip(builds, decoded):
-            ends = np.cumsum([len(raw[i].token_ids) for i in members])[:-1]
-            for i, part in zip(members, np.split(states, ends)):
+        for members, parts, params in _builds(raw):
+            decoded = torchcodecs.as_tensor(self.codec.decode(parts, params))
+            for i, part in zip(members, decoded.split([len(raw[i].token_ids) for i in members])):
                 rows[i] = part
-        return np.concatenate(rows)
+        return rows
 
     def _decode_on_device(self, raw: list[RawEntry], idx: np.ndarray) -> dict[str, Any]:
         """The batch of `raw` entries, their stored parts copied to the device and decoded there."""
