@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,9 @@ import erstore  # noqa: E402
 B, L = 32, 128
 
 
-def base_model(folder: Path) -> str:
-    """A BERT-base config with random weights and MiniLM's (BERT uncased) tokenizer."""
+def base_model(folder: Path, **config: Any) -> str:
+    """A BERT model with random weights (BERT-base unless `config` overrides BertConfig fields)
+    and MiniLM's (BERT uncased) tokenizer, saved once."""
     import shutil
 
     import torch
@@ -54,7 +56,7 @@ def base_model(folder: Path) -> str:
 
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
-        tf.BertModel(tf.BertConfig()).save_pretrained(folder)  # 12 x 768, 30522 vocab
+        tf.BertModel(tf.BertConfig(**config)).save_pretrained(folder)  # default 12 x 768, 30522 vocab
         from erstore.tokenize import resolve_model
 
         src = Path(resolve_model("all-MiniLM-L6-v2"))

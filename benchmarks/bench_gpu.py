@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_consumers import B, L  # noqa: E402
+from bench_consumers import B, L, base_model  # noqa: E402
 from common import machine, record  # noqa: E402
 
 import erstore  # noqa: E402
@@ -37,25 +37,6 @@ CONFIGS = {  # name: (BertConfig overrides, recycled layer k)
     "minilm": ({"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}, 3),
     "base": ({}, 6),
 }
-
-
-def random_model(folder: Path, overrides: dict) -> str:
-    """A BERT model with random weights and MiniLM's (BERT uncased) tokenizer, saved once."""
-    import shutil
-
-    import torch
-    import transformers as tf
-
-    from erstore.tokenize import resolve_model
-
-    if not (folder / "config.json").exists():
-        torch.manual_seed(0)
-        tf.BertModel(tf.BertConfig(**overrides)).save_pretrained(folder)
-        src = Path(resolve_model("all-MiniLM-L6-v2"))
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            if (src / name).exists():
-                shutil.copy(src / name, folder / name)
-    return str(folder)
 
 
 def corpus(folder: Path) -> Path:
@@ -127,7 +108,7 @@ def bench_model(name: str, batches: int, dtypes: list[str], work: Path, corpus_f
     from erstore.model import LayerExtractor
 
     overrides, layer = CONFIGS[name]
-    model = random_model(work / f"{name}-random", overrides)
+    model = base_model(work / f"{name}-random", **overrides)
     path = work / f"{name}-l{layer}"
     if not (path / "erstore.json").exists():
         erstore.build(model=model, layers=(layer,), corpus=str(corpus_file), store=str(path),
