@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from erstore.errors import InvalidInputError
+from erstore.extras import require
 
 
 class BottleneckAdapter(nn.Module):
@@ -95,7 +96,8 @@ def add_adapters(model: Any, *, bottleneck: int = 64, activation: str = "relu") 
 def add_lora(model: Any, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
              target_modules: list[str] | None = None) -> None:
     """Freeze the tail of `model` and inject PEFT LoRA into its attention projections."""
-    from peft import LoraConfig, inject_adapter_in_model
+    peft = require("peft", extra="consumers", purpose="LoRA adapters")
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     tail = _tail_of(model)
     if getattr(tail, "lora_config", None):

@@ -45,3 +45,7 @@ class CommitConflictError(ErstoreError, RuntimeError):
 
 class StoreUnreachableError(ErstoreError, ConnectionError):
     """The store's endpoint (object storage or HTTP server) cannot be reached."""
+
+
+class MissingDependencyError(ErstoreError, ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
