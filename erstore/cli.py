@@ -61,7 +61,12 @@ def main() -> None:
 @click.option("--model", default=None, help="Model folder or name [default: packaged all-MiniLM-L6-v2].")
 @click.option("--layer", "layers", type=int, multiple=True,
               help="hidden_states index k to store (repeatable) [default: the middle layer].")
-@click.option("--corpus", default=None, help="JSONL or text file [default: built-in stdlib docstrings].")
+@click.option("--corpus", default=None,
+              help="Corpus file, folder or glob: JSONL, text, CSV/TSV, Parquet, Arrow (optionally .gz/.zst), "
+              "or a datasets save_to_disk folder [default: built-in stdlib docstrings].")
+@click.option("--format", "corpus_format", default=None,
+              type=click.Choice(["jsonl", "text", "csv", "tsv", "parquet", "arrow", "datasets"]),
+              help="Corpus format of every file [default: by extension].")
 @click.option("--store", default=None, help="Store path or s3:// URL [default: ./stores/MODEL-lK]. "
               "With several --layer values, a folder holding layer-K stores.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
@@ -75,8 +80,10 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--pair-field", default=None, help="JSONL field holding a second text (QA contexts).")
-@click.option("--id-field", default=None, help="JSONL field holding a document id [default: line number].")
+@click.option("--pair-field", default=None, help="Field (key or column) holding a second text (QA contexts).")
+@click.option("--id-field", default=None, help="Field holding a document id [default: line or row number].")
+@click.option("--words-field", default=None,
+              help="Field holding a list of words (NER); the text is the words joined by spaces if absent.")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
@@ -99,6 +106,7 @@ def build(ctx: click.Context, **opts: Any) -> None:
         max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
         device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
         id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
+        format=opts["corpus_format"], words_field=opts["words_field"],
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
     )
     for result in run(config):
