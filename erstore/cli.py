@@ -247,6 +247,36 @@ def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoin
                    f"as version {manifest.version}")
 
 
+@main.command(name="export")
+@click.argument("path")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "safetensors", "npz"]), required=True,
+              help="parquet: one row per sequence; safetensors: a folder of shards; npz: one file.")
+@click.option("--out", "-o", default=None,
+              help="Output file (folder for safetensors) [default: ./<store>-v<version>.<format>].")
+@click.option("--version", default=None, help="Version number or tag [default: newest].")
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File with one key per line: export only these sequences.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@_errors
+def export_command(path: str, fmt: str, out: str | None, version: str | None, keys_file: str | None,
+                   overwrite: bool, as_json: bool, endpoint: str | None, region: str | None) -> None:
+    """Write keys, token ids and decoded states of a version to Parquet, safetensors or npz (streaming)."""
+    from pathlib import Path
+
+    from erstore.builder import slug
+    from erstore.export import export as run
+    from erstore.store import Store
+
+    keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()] if keys_file else None
+    with Store(path, version=_version(version), **_remote(endpoint, region)) as store:
+        target = out or f"{slug(path)}-v{store.version or 0}.{fmt}"
+        r = run(store, target, format=fmt, keys=keys, overwrite=overwrite)
+    _print(r.to_dict(), as_json, f"exported {r.sequences} sequences ({r.tokens} tokens) of version {r.version} "
+           f"to {r.path} ({len(r.files)} file{'s' if len(r.files) != 1 else ''})")
+
+
 @main.command()
 @click.argument("path")
 @click.option("--keep", multiple=True, help="Version number or tag to keep (repeatable).")
