@@ -23,22 +23,27 @@ from typing import Any
 import numpy as np
 
 from erstore.codecs import parse_codec
-from erstore.corpus import DEFAULT_CORPUS, read_corpus
+from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, iter_corpus
 from erstore.errors import InvalidInputError
 from erstore.keys import window_key
 from erstore.manifest import Recipe, VersionManifest
 from erstore.model import LayerExtractor, to_numpy
-from erstore.tokenize import DEFAULT_MODEL, Windower, load_tokenizer, tokenizer_fingerprint
+from erstore.tokenize import DEFAULT_MODEL, Windower, load_tokenizer, model_identity, tokenizer_fingerprint
 from erstore.writer import StoreWriter
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything `erstore build` needs; defaults build the packaged MiniLM over the stdlib corpus."""
+    """Everything `erstore build` needs; defaults build the packaged MiniLM over the stdlib corpus.
 
-    model: str = DEFAULT_MODEL
+    `model` and `tokenizer` are names, folders or loaded transformers objects (tokenizer default:
+    the model's); `corpus` is anything `erstore.corpus.iter_corpus` reads (a path in any supported
+    format, a datasets.Dataset, an iterable of strings or dicts); `layers` an int or several.
+    """
+
+    model: Any = DEFAULT_MODEL
     layers: tuple[int, ...] = ()  # empty: the middle layer
-    corpus: str = DEFAULT_CORPUS
+    corpus: Any = DEFAULT_CORPUS
     store: str | None = None  # default: ./stores/<model>-l<k>
     dtype: str = "float16"
     codec: str = "lossless"  # lossless | shuffle | int8[:scales=...] | int4[:group=N] | entropy[:step=S]; see docs/codecs.md
@@ -52,6 +57,21 @@ class BuildConfig:
     limit: int | None = None
     progress: bool = True
     store_options: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    format: str | None = None  # corpus format; default: by file extension
+    words_field: str | None = None
+
+    def __post_init__(self) -> None:
+        layers = (self.layers,) if isinstance(self.layers, int) else self.layers
+        try:
+            layers = tuple(int(k) for k in layers)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"layers must be an int or a sequence of ints, got {self.layers!r}") from e
+        object.__setattr__(self, "layers", layers)
+
+    def corpus_options(self) -> dict[str, Any]:
+        return {"format": self.format, "text_field": self.text_field, "pair_field": self.pair_field,
+                "id_field": self.id_field, "words_field": self.words_field}
 
 
 @dataclass(frozen=True)
@@ -86,9 +106,10 @@ def slug(name: str) -> str:
 
 
 def store_paths(config: BuildConfig, layers: list[int]) -> dict[int, str]:
+    name = slug(model_identity(config.model) or type(config.model).__name__)
     if len(layers) == 1:
-        return {layers[0]: config.store or f"stores/{slug(config.model)}-l{layers[0]}"}
-    root = config.store or f"stores/{slug(config.model)}"
+        return {layers[0]: config.store or f"stores/{name}-l{layers[0]}"}
+    root = config.store or f"stores/{name}"
     return {k: f"{root.rstrip('/')}/layer-{k}" for k in layers}
 
 
@@ -99,10 +120,11 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     passes one that writes a rank's shard and commits collectively.
     """
     clock = _Clock()
-    docs = read_corpus(config.corpus, text_field=config.text_field, pair_field=config.pair_field,
-                       id_field=config.id_field, limit=config.limit)
+    check_corpus(config.corpus, **config.corpus_options())
+    docs = list(iter_corpus(config.corpus, limit=config.limit, **config.corpus_options()))
     clock.lap("corpus")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer_source = config.model if config.tokenizer is None else config.tokenizer
+    tokenizer = load_tokenizer(tokenizer_source)
     max_length = config.max_length or min(512, int(tokenizer.model_max_length))
     windower = Windower(tokenizer, max_length, max_length // 4 if config.stride is None else config.stride)
     extractor = LayerExtractor(config.model, device=config.device)
@@ -118,8 +140,8 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 model_fingerprint=extractor.fingerprint, layer=k,
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_length=windower.max_length,
                 stride=windower.stride, codec=codec.to_dict(), hidden_size=extractor.hidden_size,
-                num_layers=extractor.num_layers, model_name=config.model,
-                model_type=extractor.config.model_type, tokenizer_name=config.model,
+                num_layers=extractor.num_layers, model_name=model_identity(config.model),
+                model_type=extractor.config.model_type, tokenizer_name=model_identity(tokenizer_source),
                 config=extractor.config.to_diff_dict(),
             )
             writers[k] = writer(path, recipe, **config.store_options)
@@ -129,7 +151,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
         _compute(todo, extractor, writers, config)
         clock.lap("compute")
         tokens = sum(len(w[1]) for w in todo)
-        info = {"corpus": str(config.corpus), "documents": len(docs), "windows": len(windows),
+        info = {"corpus": corpus_label(config.corpus), "documents": len(docs), "windows": len(windows),
                 "computed": len(todo), "computed_tokens": tokens, "device": config.device,
                 "seconds": clock.laps,
                 "tokens_per_second": round(tokens / max(clock.laps["compute"], 1e-9), 1)}

@@ -61,7 +61,12 @@ def main() -> None:
 @click.option("--model", default=None, help="Model folder or name [default: packaged all-MiniLM-L6-v2].")
 @click.option("--layer", "layers", type=int, multiple=True,
               help="hidden_states index k to store (repeatable) [default: the middle layer].")
-@click.option("--corpus", default=None, help="JSONL or text file [default: built-in stdlib docstrings].")
+@click.option("--corpus", default=None,
+              help="Corpus file, folder or glob: JSONL, text, CSV/TSV, Parquet, Arrow (optionally .gz/.zst), "
+              "or a datasets save_to_disk folder [default: built-in stdlib docstrings].")
+@click.option("--format", "corpus_format", default=None,
+              type=click.Choice(["jsonl", "text", "csv", "tsv", "parquet", "arrow", "datasets"]),
+              help="Corpus format of every file [default: by extension].")
 @click.option("--store", default=None, help="Store path or s3:// URL [default: ./stores/MODEL-lK]. "
               "With several --layer values, a folder holding layer-K stores.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
@@ -75,8 +80,10 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--pair-field", default=None, help="JSONL field holding a second text (QA contexts).")
-@click.option("--id-field", default=None, help="JSONL field holding a document id [default: line number].")
+@click.option("--pair-field", default=None, help="Field (key or column) holding a second text (QA contexts).")
+@click.option("--id-field", default=None, help="Field holding a document id [default: line or row number].")
+@click.option("--words-field", default=None,
+              help="Field holding a list of words (NER); the text is the words joined by spaces if absent.")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
@@ -99,6 +106,7 @@ def build(ctx: click.Context, **opts: Any) -> None:
         max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
         device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
         id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
+        format=opts["corpus_format"], words_field=opts["words_field"],
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
     )
     for result in run(config):
@@ -237,6 +245,36 @@ def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoin
     else:
         click.echo(f"copied {manifest.added.sequences} sequences ({manifest.added.tokens} tokens) to {dst} "
                    f"as version {manifest.version}")
+
+
+@main.command(name="export")
+@click.argument("path")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "safetensors", "npz"]), required=True,
+              help="parquet: one row per sequence; safetensors: a folder of shards; npz: one file.")
+@click.option("--out", "-o", default=None,
+              help="Output file (folder for safetensors) [default: ./<store>-v<version>.<format>].")
+@click.option("--version", default=None, help="Version number or tag [default: newest].")
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File with one key per line: export only these sequences.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True)
+@_remote_options
+@_errors
+def export_command(path: str, fmt: str, out: str | None, version: str | None, keys_file: str | None,
+                   overwrite: bool, as_json: bool, endpoint: str | None, region: str | None) -> None:
+    """Write keys, token ids and decoded states of a version to Parquet, safetensors or npz (streaming)."""
+    from pathlib import Path
+
+    from erstore.builder import slug
+    from erstore.export import export as run
+    from erstore.store import Store
+
+    keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()] if keys_file else None
+    with Store(path, version=_version(version), **_remote(endpoint, region)) as store:
+        target = out or f"{slug(path)}-v{store.version or 0}.{fmt}"
+        r = run(store, target, format=fmt, keys=keys, overwrite=overwrite)
+    _print(r.to_dict(), as_json, f"exported {r.sequences} sequences ({r.tokens} tokens) of version {r.version} "
+           f"to {r.path} ({len(r.files)} file{'s' if len(r.files) != 1 else ''})")
 
 
 @main.command()

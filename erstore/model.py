@@ -13,6 +13,7 @@ Also here: the weight fingerprint that identifies a model in a store's recipe.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import xxhash
 
 from erstore.codecs import storage_dtype
 from erstore.errors import InvalidInputError
-from erstore.tokenize import resolve_model
+from erstore.tokenize import model_identity, resolve_model
 
 
 class _Stop(Exception):
@@ -35,6 +36,45 @@ def weights_fingerprint(model: Any) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(memoryview(t.view(-1).view(__import__("torch").uint8).numpy()))
     return h.hexdigest()
+
+
+def _load(name: str | os.PathLike[str]) -> Any:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = resolve_model(os.fspath(name))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(
+            f"cannot load model {os.fspath(name)!r}: {e}. Pass --model a folder with config.json and "
+            "weights, or a model name available offline"
+        ) from e
+    kwargs: dict[str, Any] = {}
+    if config.model_type in ("mpnet", "deberta-v2", "t5"):
+        kwargs["attn_implementation"] = "eager"  # the only implementation these run with
+    if config.is_encoder_decoder:
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel.from_pretrained(path, **kwargs)
+    return AutoModel.from_pretrained(path, **kwargs)
+
+
+def loaded_model(model: Any) -> Any:
+    """The encoder to run of a loaded transformers model: a head model's base model, a seq2seq
+    model's encoder. Its fingerprint is then that of the weights that actually run."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InvalidInputError(
+            f"model must be a name, a folder or a loaded transformers model, got {type(model).__name__}"
+        )
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder()
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, torch.nn.Module) and hasattr(base, "config") else model
 
 
 def find_layers(model: Any, num_layers: int) -> Any:
@@ -56,34 +96,16 @@ def find_layers(model: Any, num_layers: int) -> Any:
 class LayerExtractor:
     """Computes hidden_states[k] for the requested layers with one truncated forward pass."""
 
-    def __init__(self, name: str, *, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, name: Any, *, device: str = "cpu", dtype: str = "float32"):
+        """`name`: a model folder or name, or a loaded transformers model (which is moved to
+        `device` and `dtype` and put in eval mode, in place)."""
         import torch
-        import transformers
-        from transformers import AutoConfig, AutoModel
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        path = resolve_model(name)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise InvalidInputError(
-                f"cannot load model {name!r}: {e}. Pass --model a folder with config.json and "
-                "weights, or a model name available offline"
-            ) from e
-        kwargs: dict[str, Any] = {}
-        if config.model_type in ("mpnet", "deberta-v2", "t5"):
-            kwargs["attn_implementation"] = "eager"  # the only implementation these run with
-        if config.is_encoder_decoder:
-            from transformers import T5EncoderModel
-
-            model = T5EncoderModel.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModel.from_pretrained(path, **kwargs)
+        model = _load(name) if isinstance(name, (str, os.PathLike)) else loaded_model(name)
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=getattr(torch, dtype)).eval()
         self.config = model.config
-        self.name = name
+        self.name = model_identity(name) or type(model).__name__
         self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or self.config.num_layers)
         self.hidden_size = int(getattr(self.config, "hidden_size", 0) or self.config.d_model)
         self.layers = find_layers(self.model, self.num_layers)

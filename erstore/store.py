@@ -331,6 +331,13 @@ class Store:
         dataset = self.dataset(keys, labels=labels, **({} if dtype is None else {"dtype": dtype}))
         return Loader(dataset, **options)
 
+    def to_hf_dataset(self, keys: Sequence[str] | None = None, **options: Any) -> Any:
+        """A `datasets.Dataset` of `keys` (default all): key, token_ids, boundary, states; see
+        `erstore.export.to_hf_dataset` (imported only here)."""
+        from erstore.export import to_hf_dataset
+
+        return to_hf_dataset(self, keys, **options)
+
     # -- metadata ---------------------------------------------------------------------------
     def versions(self) -> list[VersionManifest]:
         return [read_manifest(self.location, v) for v in list_versions(self.location)]

@@ -45,9 +45,42 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str) -> Any:
+def model_identity(model: Any) -> str:
+    """What a recipe records as a model's (or tokenizer's) name: one that resolves from any folder.
+
+    A name is kept as is (the packaged MiniLM, a hub name); an existing folder becomes its
+    absolute path; a loaded object gives its `name_or_path` the same way ("" if it has none).
+    """
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", "") or ""
+    name = os.fspath(name)
+    return os.path.abspath(name) if name and os.path.isdir(name) else name
+
+
+def _is_tokenizer(obj: Any) -> bool:
+    return hasattr(obj, "backend_tokenizer") or hasattr(obj, "is_fast")
+
+
+def load_tokenizer(name: Any) -> Any:
+    """A fast tokenizer: loaded from a name or folder, the one of a loaded model (from its
+    `name_or_path`), or a loaded tokenizer object used as is."""
+    if not isinstance(name, (str, os.PathLike)):
+        if _is_tokenizer(name):
+            if not getattr(name, "is_fast", False):
+                raise InvalidInputError(
+                    f"the tokenizer {type(name).__name__} is not a fast tokenizer; erstore needs one "
+                    "(load it with AutoTokenizer.from_pretrained(..., use_fast=True))"
+                )
+            return name
+        source = model_identity(name)
+        if not source:
+            raise InvalidInputError(
+                f"the loaded {type(name).__name__} has no name_or_path to load its tokenizer from; "
+                "pass tokenizer= (a loaded tokenizer or a folder)"
+            )
+        name = source
     from transformers import AutoTokenizer
 
+    name = os.fspath(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as e:

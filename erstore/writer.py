@@ -231,6 +231,8 @@ class StoreWriter:
         rows = len(self._encoded_tokens)
         n = rows if final else rows // self._unit * self._unit
         if not n:
+            if final:
+                self._seal()
             return
         if self._arrays is None:
             tokens = _array_meta_like(self._metadata["states"], self._unit)
@@ -245,6 +247,18 @@ class StoreWriter:
         self._written_rows = stop
         if final:
             self._wait_and_journal()
+            self._seal()
+
+    def _seal(self) -> None:
+        """Shrink this build's arrays from MAX_ROWS (created that long so appends never rewrite
+        metadata) to the rows written, so plain zarr readers see their real shape."""
+        if self._arrays is None:
+            return
+        for array in [*self._arrays.parts.values(), self._arrays.tokens]:
+            shape = array.shape
+            if shape[0] != self._written_rows:
+                array.resize(exclusive_max=[self._written_rows, *shape[1:]], resize_metadata_only=True,
+                             shrink_only=True).result()
 
     def _wait_and_journal(self) -> None:
         """Wait for the last flush to be durable, then journal the sequences it completed."""
