@@ -18,6 +18,7 @@ from typing import Any
 import tensorstore as ts
 
 from erstore.errors import ErstoreError, StoreNotFoundError, StorePermissionError, StoreUnreachableError
+from erstore.integrity import confined, damaged
 
 # The generation TensorStore reports for a key that does not exist; writing with
 # if_equal=_NO_VALUE succeeds only if the key is still absent.
@@ -143,6 +144,35 @@ class Location:
         except ValueError as e:
             raise explain(self.url, e) from e
         return result.value if result.state == "value" else None
+
+    def read_capped(self, key: str, max_bytes: int) -> bytes | None:
+        """Like `read`, but refuse (CorruptStoreError) a value over `max_bytes` before reading it,
+        and on local disk a path whose real location is outside the store (a symlink out).
+
+        A damaged or hostile store must not make a reader allocate gigabytes for a metadata file.
+        """
+        where = f"{self.url}/{key}"
+        if self.is_local:
+            path = confined(self.spec["path"], key, where)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise damaged(where, f"cannot be read ({e.strerror})") from e
+            if size > max_bytes:
+                raise damaged(where, f"is {size} bytes, more than the {max_bytes} such a file can need")
+            return self.read(key)
+        try:  # one ranged request proves the value is no longer than the cap
+            beyond = self.kv.read(key, byte_range=slice(max_bytes, max_bytes + 1)).result()
+        except ValueError as e:
+            if "OUT_OF_RANGE" not in str(e):
+                raise explain(self.url, e) from e
+        else:
+            if beyond.state != "value":
+                return None
+            raise damaged(where, f"is more than the {max_bytes} bytes such a file can need")
+        return self.read(key)
 
     def read_many(self, keys: list[str]) -> list[bytes | None]:
         """Read several keys concurrently."""
