@@ -428,7 +428,8 @@ def load_params(raw: bytes | None, codec: Codec, hidden_size: int, where: str) -
         problem = params_problem(codec, params, hidden_size)
     if problem:
         raise CorruptStoreError(f"{where} {problem}: the build's codec parameters are damaged; restore "
-                                "the file from a copy of the store, or rebuild")
+                                "the file from a copy of the store, or rebuild (`erstore verify` lists "
+                                "what else is damaged)")
     return params
 
 

@@ -70,7 +70,7 @@ class _Array:
             check_digest(raw or b"", record["xxh3_64"], where)
         elif verified:
             raise damaged(where, "is not recorded in the version manifest")
-        meta, self.checked = array_metadata(raw, codec, hidden_size, name, where)
+        meta, self.checked = array_metadata(raw, codec, hidden_size, name, where, verified=verified)
         codecs = meta["codecs"]
         self.order: list[int] | None = None
         if codecs[0]["name"] == "transpose":

@@ -262,28 +262,25 @@ def decode_index(raw: bytes, where: str) -> tuple[np.ndarray, list[str]]:
     """Parse an index file; return (records, array ids). Raises CorruptStoreError if damaged."""
     fixed = len(INDEX_MAGIC) + 8
     if len(raw) < fixed or raw[: len(INDEX_MAGIC)] != INDEX_MAGIC:
-        raise CorruptStoreError(f"{where} is not an erstore index file (bad magic tag)")
+        raise damaged(where, "is not an erstore index file (bad magic tag)")
     version, header_len = struct.unpack_from("<II", raw, len(INDEX_MAGIC))
     check_format_version({"format_version": version}, where)
     if header_len > min(MAX_INDEX_HEADER, len(raw) - fixed):
-        raise CorruptStoreError(f"{where} claims a {header_len}-byte header in a {len(raw)}-byte file; "
-                                "the file is damaged (run `erstore verify`)")
+        raise damaged(where, f"claims a {header_len}-byte header in a {len(raw)}-byte file")
     try:
         header = json.loads(bytes(raw[fixed : fixed + header_len]))
         arrays, count = [check_name(a, where, "array") for a in _list(header["arrays"])], _count(header["count"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, CorruptStoreError):
             raise
-        raise CorruptStoreError(f"{where} has a damaged header: {e}; run `erstore verify`") from e
+        raise damaged(where, f"has a damaged header ({e})") from e
     body = memoryview(raw)[fixed + header_len :]  # no copy of a possibly large body
     if len(body) != count * RECORD_DTYPE.itemsize:
-        raise CorruptStoreError(
-            f"{where} should hold {count} records ({count * RECORD_DTYPE.itemsize} bytes) "
-            f"but has {len(body)} bytes; the file is truncated or damaged"
-        )
+        raise damaged(where, f"should hold {count} records ({count * RECORD_DTYPE.itemsize} bytes) "
+                             f"but has {len(body)} bytes (truncated?)")
     records = np.frombuffer(body, dtype=RECORD_DTYPE)
     if count and int(np.ascontiguousarray(records["array"]).max()) >= len(arrays):
-        raise CorruptStoreError(f"{where} points at an array outside its header")
+        raise damaged(where, "points at an array outside its header")
     return records, arrays
 
 
@@ -302,7 +299,7 @@ def _load_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as e:
-        raise CorruptStoreError(f"{where} is not valid JSON: {e}") from e
+        raise damaged(where, f"is not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise CorruptStoreError(f"{where} should hold a JSON object")
+        raise damaged(where, "should hold a JSON object")
     return data

@@ -454,7 +454,8 @@ def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: in
             spec.update(metadata=create[name], create=True, store_data_equal_to_fill_value=True)
         else:  # a committed build's arrays never change: cached chunks need no revalidation
             raw = read_checked(location, manifest, f"{relpath}/zarr.json", cap=1 << 20, required=verified)
-            metadata, checked = array_metadata(raw, codec, hidden_size, name, f"{location.url}/{relpath}/zarr.json")
+            metadata, checked = array_metadata(raw, codec, hidden_size, name, f"{location.url}/{relpath}/zarr.json",
+                                               verified=verified)
             spec.update(open=True, metadata=metadata, recheck_cached_data=False, recheck_cached_metadata=False,
                         fill_missing_data_reads=not checked)
         try:

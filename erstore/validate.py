@@ -67,6 +67,8 @@ def read_checked(location: Location, manifest: VersionManifest | None, relpath: 
         if required and not (optional and raw is None):
             raise damaged(where, "is not recorded in the version manifest" if raw is not None else "is missing")
         return raw
+    if record["bytes"] > cap:  # a hostile manifest must not lift the cap either
+        raise damaged(where, f"is recorded as {record['bytes']} bytes, more than the {cap} such a file can need")
     raw = location.read_capped(relpath, record["bytes"])
     if raw is None:
         raise damaged(where, "is missing")
@@ -133,7 +135,7 @@ def _codecs(codecs: Any) -> list[tuple[str, str]]:
 
 
 def array_metadata(raw: bytes | None, codec: Codec, hidden_size: int, name: str,
-                   where: str) -> tuple[dict[str, Any], bool]:
+                   where: str, *, verified: bool = False) -> tuple[dict[str, Any], bool]:
     """Check a stored zarr.json against what `codec` writes for array `name`.
 
     Returns (the expected metadata, for TensorStore to check again as it opens; whether chunks
@@ -152,7 +154,7 @@ def array_metadata(raw: bytes | None, codec: Codec, hidden_size: int, name: str,
     if found[4] not in ({"name": "default"}, encoding):
         raise damaged(where, f"uses chunk keys {found[4]}, which erstore never writes")
     plain = [c for c in expected["codecs"] if c["name"] != "crc32c"]  # format-1 builds have no crc32c
-    for checked in (True, False):
+    for checked in (True, False) if not verified else (True,):  # verified stores always have crc32c
         want_codecs = [*plain, {"name": "crc32c"}] if checked else plain
         want = (expected["shape"], expected["data_type"], expected["chunk_grid"], 0, None, _codecs(want_codecs))
         if found[:3] == want[:3] and found[3] == 0 and found[5] == want[5]:

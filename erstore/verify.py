@@ -47,7 +47,7 @@ def _check_files(store: Store, report: VerifyReport) -> None:
         return
     for relpath in sorted(manifest.files):
         try:
-            read_checked(store.location, manifest, relpath, cap=0, required=True)
+            read_checked(store.location, manifest, relpath, cap=1 << 40, required=True)
         except CorruptStoreError as e:
             report.corrupt.append({"key": relpath, "problem": str(e)})
     try:
