@@ -150,6 +150,23 @@ class ReducedModel(nn.Module):
         return reduced.eval()
 
     # -- serving -------------------------------------------------------------------------------
+    def check_store(self, store: Any) -> None:
+        """Raise IncompatibleStoreError unless `store` holds this model's layer-k states
+        (same model weights, the layer this tail starts at); training and serving both check."""
+        recipe = store.recipe
+        if self.tail.recipe is not None and recipe.model_fingerprint != self.tail.recipe.model_fingerprint:
+            raise IncompatibleStoreError(
+                f"the store {store.location.url} holds states of model {recipe.model_fingerprint}, "
+                f"this reduced model was built for {self.tail.recipe.model_fingerprint}; use a store "
+                "built from the same model, or build one"
+            )
+        if recipe.layer != self.tail.first_layer:
+            raise IncompatibleStoreError(
+                f"the store {store.location.url} holds layer {recipe.layer}, this reduced model starts at "
+                f"layer {self.tail.first_layer}; use a store of layer {self.tail.first_layer} or "
+                f"ReducedModel.from_pretrained(..., layer={recipe.layer})"
+            )
+
     def states_for(self, texts: list[str], *, store: Any, pairs: list[str] | None = None,
                    write_back: bool = False) -> list[list[np.ndarray]]:
         """Layer-k states of every window of every text: read on a hit, computed on a miss."""
@@ -157,15 +174,7 @@ class ReducedModel(nn.Module):
         from erstore.keys import window_key
 
         recipe = store.recipe
-        if self.tail.recipe is not None and recipe.model_fingerprint != self.tail.recipe.model_fingerprint:
-            raise IncompatibleStoreError(
-                f"the store {store.location.url} holds states of model {recipe.model_fingerprint}, "
-                f"this reduced model was built for {self.tail.recipe.model_fingerprint}"
-            )
-        if recipe.layer != self.tail.first_layer:
-            raise IncompatibleStoreError(
-                f"the store holds layer {recipe.layer}, this reduced model starts at layer {self.tail.first_layer}"
-            )
+        self.check_store(store)
         windows = [store.tokenize(t, None if pairs is None else pairs[i]) for i, t in enumerate(texts)]
         keys = [[window_key(ids, b) for ids, b in ws] for ws in windows]
         states: dict[str, np.ndarray] = {}

@@ -41,6 +41,15 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     return float(loss.detach())
 
 
+def _store_of(data: Any) -> Any:
+    """The erstore Store behind `data`: the store itself, or the dataset of a Loader / DataLoader."""
+    if hasattr(data, "recipe") and hasattr(data, "read"):
+        return data
+    dataset = getattr(data, "dataset", None)
+    store = getattr(dataset, "_store", None) or getattr(dataset, "store", None)
+    return store if hasattr(store, "recipe") else None
+
+
 def train(model: torch.nn.Module, data: Any, keys: Sequence[str] | None = None,
           labels: Sequence[Any] | None = None, *, epochs: int = 1, batch_size: int = 16, lr: float = 1e-3,
           weight_decay: float = 0.0, seed: int = 0,
@@ -53,12 +62,18 @@ def train(model: torch.nn.Module, data: Any, keys: Sequence[str] | None = None,
             iterated once per epoch (an erstore Loader moves on to its next epoch by itself).
         optimizer: continue with this optimizer instead of a fresh AdamW(lr, weight_decay).
 
+    Raises IncompatibleStoreError if the store (or the loader's store) holds another model's or
+    another layer's states than the model's tail expects, as `ReducedModel.predict` does.
+
     Example:
         >>> with store.loader(labels=sequence_labels(store, rows, by="doc"), batch_size=32,
         ...                   shuffle=True) as batches:
         ...     train(model, batches, epochs=3)
     """
     torch.manual_seed(seed)
+    store = _store_of(data)
+    if store is not None and hasattr(model, "check_store"):
+        model.check_store(store)  # a store of another model or layer would train silently wrong
     optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay)
     if hasattr(data, "recipe") and hasattr(data, "read"):  # an erstore Store
         if keys is None or labels is None:

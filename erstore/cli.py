@@ -136,6 +136,8 @@ def info(path: str, version: str | None, as_json: bool, endpoint: str | None, re
         f"codec      {r['codec']['name']} "
         + " ".join(f"{k}={v}" for k, v in sorted(r["codec"].items()) if k != "name"),
         f"holds      {data['sequences']} sequences, {data['tokens']} tokens, {data['bytes'] / 1e6:.1f} MB",
+        "reads      verified (checksums on every file and chunk)" if data["verified_reads"]
+        else f"reads      UNVERIFIED: {data['note']}",
     ])
     _print(data, as_json, text)
 

@@ -10,6 +10,7 @@ the older build.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,11 @@ class KeyIndex:
 
     def __init__(self, records: np.ndarray, arrays: list[str]):
         self.arrays = arrays
+        # Set by `erstore.store.load_index`: the version manifest this index came from (sizes and
+        # checksums of the version's files) and whether every file must be recorded there, so
+        # readers handed only the index (the fork-safe `erstore.localread`) can check them too.
+        self.manifest: Any = None
+        self.verified = False
         hi = np.ascontiguousarray(records["hi"])
         lo = np.ascontiguousarray(records["lo"])
         order = np.argsort(hi)  # no need for stability unless keys repeat (handled below)

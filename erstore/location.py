@@ -18,6 +18,7 @@ from typing import Any
 import tensorstore as ts
 
 from erstore.errors import ErstoreError, StoreNotFoundError, StorePermissionError, StoreUnreachableError
+from erstore.integrity import confined, damaged
 
 # The generation TensorStore reports for a key that does not exist; writing with
 # if_equal=_NO_VALUE succeeds only if the key is still absent.
@@ -144,6 +145,35 @@ class Location:
             raise explain(self.url, e) from e
         return result.value if result.state == "value" else None
 
+    def read_capped(self, key: str, max_bytes: int) -> bytes | None:
+        """Like `read`, but refuse (CorruptStoreError) a value over `max_bytes` before reading it,
+        and on local disk a path whose real location is outside the store (a symlink out).
+
+        A damaged or hostile store must not make a reader allocate gigabytes for a metadata file.
+        """
+        where = f"{self.url}/{key}"
+        if self.is_local:
+            path = confined(self.spec["path"], key, where)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise damaged(where, f"cannot be read ({e.strerror})") from e
+            if size > max_bytes:
+                raise damaged(where, f"is {size} bytes, more than the {max_bytes} such a file can need")
+            return self.read(key)
+        try:  # one ranged request proves the value is no longer than the cap
+            beyond = self.kv.read(key, byte_range=slice(max_bytes, max_bytes + 1)).result()
+        except ValueError as e:
+            if "OUT_OF_RANGE" not in str(e):
+                raise explain(self.url, e) from e
+        else:
+            if beyond.state != "value":
+                return None
+            raise damaged(where, f"is more than the {max_bytes} bytes such a file can need")
+        return self.read(key)
+
     def read_many(self, keys: list[str]) -> list[bytes | None]:
         """Read several keys concurrently."""
         futures = [self.kv.read(k) for k in keys]
@@ -175,20 +205,72 @@ class Location:
         """Fail unless write-if-absent is really conditional here (the commit relies on it).
 
         Object stores that ignore `If-None-Match: *` would let two racing builds both "win" the
-        same version number; refuse to write to them rather than lose a version.
+        same version number; refuse to write to them rather than lose a version. The probe
+        object is removed again; deleting is proven possible (a DELETE of the absent probe key)
+        before anything is written, so missing permissions leave no object behind.
         """
         probe = f".erstore-probe/{os.getpid()}-{os.urandom(6).hex()}"
         try:
-            first = self.write_if_absent(probe, b"1")
-            second = self.write_if_absent(probe, b"2") if first else True
+            self.kv.write(probe, None).result()  # S3 answers 204 for an absent key, 403 without permission
+        except ValueError as e:
+            raise self._permission_error("delete objects", e) from e
+        try:
+            first = self.kv.write(probe, b"1", if_equal=_NO_VALUE).result()
+        except ValueError as e:
+            raise self._permission_error("write objects", e) from e
+        try:
+            second = self.write_if_absent(probe, b"2") if first.generation else True
             kept = self.read(probe)
         finally:
-            self.kv.delete_range(ts.KvStore.KeyRange(probe, probe + "\x00")).result()
-        if not first or second or kept != b"1":
+            try:
+                self.kv.write(probe, None).result()
+            except ValueError as e:
+                raise StorePermissionError(
+                    f"could not delete the probe object {probe!r} under {self.url} ({_first_line(str(e))}); "
+                    "delete it by hand and check the credentials' delete permission") from e
+        if not first.generation or second or kept != b"1":
             raise StorePermissionError(
                 f"{self.url} does not honour conditional writes (If-None-Match: *), which erstore "
                 "needs to commit versions safely; use an object store that supports them (AWS S3, "
                 "MinIO, Cloudflare R2) or a local path")
+
+    def _permission_error(self, what: str, e: Exception) -> ErstoreError:
+        error = explain(self.url, e)
+        if not isinstance(error, StorePermissionError):
+            return error
+        found = "" if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE") else \
+            " No credentials were found in AWS_ACCESS_KEY_ID / AWS_PROFILE: set them (or pass a profile)."
+        return StorePermissionError(
+            f"the credentials for {self.url} may not {what} there (HTTP 403); building a store needs "
+            f"s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on the prefix.{found} "
+            "Nothing was written")
+
+    def preflight(self, *, write: bool) -> None:
+        """Cheap checks before any corpus or model is loaded: the location is reachable and the
+        credentials work (`Location.open` already made one request for that); when `write`, it is
+        writable, deletes work and conditional writes are honoured. Leaves nothing behind.
+
+        Raises StoreUnreachableError, StorePermissionError or StoreNotFoundError naming the fix.
+        """
+        if not self.is_local:
+            if write:
+                self.check_writable()
+            return
+        root = Path(self.spec["path"])
+        if not write:
+            if not root.is_dir():
+                raise StoreNotFoundError(f"{self.url} does not exist; check the path")
+            return
+        if root.exists() and not root.is_dir():
+            raise StorePermissionError(f"store path {root} is a file, not a folder; choose another --store")
+        existing = next(p for p in (root, *root.parents) if p.exists())  # creates nothing
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorePermissionError(f"cannot write to store path {root} ({existing} is not writable); "
+                                       "choose a writable --store")
+        if existing == root and not (root / "erstore.json").exists() and any(
+                not (e.name.startswith(".probe-") or e.name.endswith(".__lock")) for e in os.scandir(root)):
+            raise StoreNotFoundError(f"{root} exists, is not empty and is not an erstore store (no erstore.json); "
+                                     "choose an empty or new --store path")
 
     def check_writable(self) -> None:
         """Fail early, before any compute, if the store location cannot be written."""

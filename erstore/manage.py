@@ -32,7 +32,9 @@ from erstore.errors import ErstoreError, InvalidInputError, StoreNotFoundError
 from erstore.keys import join_key
 from erstore.location import Location
 from erstore.manifest import STORE_FILE, decode_index, version_key
-from erstore.store import Store, list_versions, read_manifest, resolve_tag, tag_key
+from erstore.integrity import refuse_symlinks_out
+from erstore.store import Store, list_versions, read_manifest, read_meta, resolve_tag, tag_key
+from erstore.validate import index_cap, read_checked
 
 TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
 DEFAULT_GRACE_HOURS = 24.0 * 7
@@ -68,9 +70,8 @@ def tags(url: str | Location, **options: Any) -> dict[str, int]:
     location = url if isinstance(url, Location) else Location.open(url, **options)
     if location.read_only:
         return {}
-    names = [k for k in location.list("tags/") if k.endswith(".json")]
-    return {n[len("tags/") : -len(".json")]: int(json.loads(raw)["version"])
-            for n, raw in zip(names, location.read_many(names)) if raw}
+    names = [k[len("tags/") : -len(".json")] for k in location.list("tags/") if k.endswith(".json")]
+    return {n: resolve_tag(location, n) for n in names if TAG_NAME.fullmatch(n)}  # each file checked
 
 
 # -- diff -------------------------------------------------------------------------------------
@@ -131,13 +132,7 @@ def copy(src: str, dst: str, *, version: int | str | None = None, keys: list[str
 
 
 def _documents(store: Store) -> dict[str, list[str]]:
-    if store.manifest is None:
-        return {}
-    docs: dict[str, list[str]] = {}
-    for raw in store.location.read_many([f"index/{n}.docs.json" for n in store.manifest.indexes]):
-        for doc, keys in json.loads(raw or b"{}").items():
-            docs.setdefault(doc, keys)
-    return docs
+    return store.documents()  # checked against the manifest like every other read
 
 
 # -- gc ---------------------------------------------------------------------------------------
@@ -165,6 +160,8 @@ def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dr
     location = Location.open(url, **options)
     if location.read_only:
         raise ErstoreError(f"{url} is served over HTTP and is read-only; run gc where the store lives")
+    if location.is_local:  # deleting through a symlink could remove files outside the store
+        refuse_symlinks_out(location.spec["path"], "", location.url)
     versions = list_versions(location)
     if not versions:
         raise StoreNotFoundError(f"{url} has no committed version")
@@ -179,12 +176,16 @@ def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dr
     dropped = [v for v in versions if v not in kept]
 
     needed_builds: set[str] = set()
-    index_names = sorted({n for v in kept for n in read_manifest(location, v).indexes})
-    for name, raw in zip(index_names, location.read_many([f"index/{n}.idx" for n in index_names])):
-        if raw is None:
-            raise ErstoreError(f"{url}/index/{name}.idx is missing; the store is damaged (run verify)")
-        needed_builds.add(name)
-        needed_builds.update(decode_index(raw, f"{url}/index/{name}.idx")[1])
+    meta = read_meta(location)
+    for v in sorted(kept):  # every kept version's files checked, as a reader would
+        manifest = read_manifest(location, v)
+        for name in manifest.indexes:
+            relpath = f"index/{name}.idx"
+            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
+            if raw is None:
+                raise ErstoreError(f"{url}/{relpath} is missing; the store is damaged (run verify)")
+            needed_builds.add(name)
+            needed_builds.update(decode_index(raw, f"{url}/{relpath}")[1])
 
     report = GcReport(location.url, dry_run, sorted(kept), dropped)
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -214,7 +215,8 @@ def _builds(location: Location) -> set[str]:
     for folder in ("arrays/", "journal/"):
         out.update(k[len(folder) :].split("/", 1)[0] for k in location.list(folder))
     out.update(k[len("index/") :].split(".", 1)[0] for k in location.list("index/"))
-    return {b for b in out if b}
+    # Only plain names: a hostile key such as `arrays/../x` must not become a path to delete.
+    return {b for b in out if b and b != ".." and "/" not in b and "\\" not in b}
 
 
 def _last_activity(location: Location, build: str) -> dt.datetime:

@@ -13,6 +13,13 @@ Layout of a store (every path relative to the store root, any kvstore backend):
 JSON only (never pickle); each JSON file carries `format_version` and load checks it. The `.idx`
 files start with a magic tag and a version, then a JSON header, then packed little-endian records
 (44 bytes per sequence).
+
+Format 2 (this version) makes every read verifiable: erstore.json and each version manifest carry
+a checksum of themselves (`erstore.integrity.seal`; the scheme is fixed for every later format
+too), and a manifest lists the size and xxh3-64 of every file its version reads (`files`: index
+files, document maps, codec parameters, zarr.json); the arrays' chunks carry zarr3 `crc32c`.
+Format 1 stores still open and read, unverified (`erstore copy` rewrites one as format 2).
+Everything parsed here is validated (types, names that become paths, counts) before use.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from typing import Any
 import numpy as np
 
 from erstore.errors import CorruptStoreError, IncompatibleStoreError
+from erstore.integrity import MAX_INDEX_HEADER, check_name, damaged, seal, unseal
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STORE_FILE = "erstore.json"
 INDEX_MAGIC = b"ERSTIDX\n"
 
@@ -45,7 +54,7 @@ RECORD_DTYPE = np.dtype(
 
 def check_format_version(data: dict[str, Any], where: str) -> None:
     found = data.get("format_version")
-    if found != FORMAT_VERSION:
+    if found not in READABLE_VERSIONS or isinstance(found, bool):
         newer = isinstance(found, int) and found > FORMAT_VERSION
         raise IncompatibleStoreError(
             f"{where} has format_version {found!r}, but this erstore reads format_version "
@@ -104,6 +113,18 @@ class Recipe:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def problem(self) -> str | None:
+        """What makes this recipe unusable for reading (sizes that would drive allocations), or None."""
+        for name in ("layer", "max_length", "stride", "hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 20:
+                return f"has recipe.{name} {value!r}, not an integer in [0, 2**20]"
+        if self.hidden_size < 1 or self.max_length < 1:
+            return "has a recipe with hidden_size or max_length below 1"
+        if not isinstance(self.codec, dict):
+            return "has a recipe.codec that is not a JSON object"
+        return None
+
 
 @dataclass(frozen=True)
 class StoreMeta:
@@ -117,13 +138,26 @@ class StoreMeta:
     def to_json(self) -> bytes:
         data = {"format_version": self.format_version, "recipe": self.recipe.to_dict(),
                 "created": self.created, "libraries": self.libraries}
-        return json.dumps(data, indent=2, sort_keys=True).encode()
+        if self.format_version < 2:
+            return json.dumps(data, indent=2, sort_keys=True).encode()
+        return seal(data)
+
+    @property
+    def verified(self) -> bool:
+        """True if reads of this store are checked (format 2 and later)."""
+        return self.format_version >= 2
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> StoreMeta:
-        data = _load_json(raw, where)
-        check_format_version(data, where)
-        return cls(Recipe.from_dict(data["recipe"]), data["created"], data.get("libraries", {}))
+        data = _load_sealed(raw, where)
+        try:
+            recipe = Recipe.from_dict(data["recipe"])
+            meta = cls(recipe, str(data["created"]), dict(data.get("libraries", {})), data["format_version"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise damaged(where, f"does not hold a valid store description ({type(e).__name__}: {e})") from e
+        if problem := recipe.problem():
+            raise damaged(where, problem)
+        return meta
 
 
 @dataclass(frozen=True)
@@ -145,25 +179,66 @@ class VersionManifest:
     build: dict[str, Any] = field(default_factory=dict)
     parent: int | None = None
     format_version: int = FORMAT_VERSION
+    # relative path -> {"bytes": size, "xxh3_64": digest} of every file this version reads
+    # (format 2); files of format-1 builds inherited by a later version are absent (unverified).
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         data = asdict(self)
         data["indexes"] = list(self.indexes)
-        return json.dumps(data, indent=2, sort_keys=True).encode()
+        if self.format_version < 2:
+            del data["files"]
+            return json.dumps(data, indent=2, sort_keys=True).encode()
+        return seal(data)
+
+    def file(self, relpath: str) -> dict[str, Any] | None:
+        """The recorded size and checksum of `relpath`, or None if this version records none."""
+        return self.files.get(relpath)
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> VersionManifest:
-        data = _load_json(raw, where)
-        check_format_version(data, where)
-        return cls(
-            version=data["version"],
-            created=data["created"],
-            indexes=tuple(data["indexes"]),
-            added=Counts(**data["added"]),
-            totals=Counts(**data["totals"]),
-            build=data.get("build", {}),
-            parent=data.get("parent"),
-        )
+        data = _load_sealed(raw, where)
+        try:
+            manifest = cls(
+                version=_count(data["version"]),
+                created=str(data["created"]),
+                indexes=tuple(check_name(n, where) for n in _list(data["indexes"])),
+                added=_counts(data["added"]),
+                totals=_counts(data["totals"]),
+                build=dict(data.get("build", {})),
+                parent=None if data.get("parent") is None else _count(data["parent"]),
+                format_version=data["format_version"],
+                files={str(k): _file_record(v) for k, v in dict(data.get("files", {})).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, CorruptStoreError):
+                raise
+            raise damaged(where, f"is not a valid version manifest ({type(e).__name__}: {e})") from e
+        if len(set(manifest.indexes)) != len(manifest.indexes):
+            raise damaged(where, "lists a build twice")
+        return manifest
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, found {type(value).__name__}")
+    return value
+
+
+def _counts(value: Any) -> Counts:
+    return Counts(_count(value["sequences"]), _count(value["tokens"]), _count(value["bytes"]))
+
+
+def _file_record(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not isinstance(value.get("xxh3_64"), str):
+        raise TypeError(f"file record {value!r} lacks its checksum")
+    return {"bytes": _count(value["bytes"]), "xxh3_64": value["xxh3_64"]}
 
 
 def version_key(version: int) -> str:
@@ -187,31 +262,44 @@ def decode_index(raw: bytes, where: str) -> tuple[np.ndarray, list[str]]:
     """Parse an index file; return (records, array ids). Raises CorruptStoreError if damaged."""
     fixed = len(INDEX_MAGIC) + 8
     if len(raw) < fixed or raw[: len(INDEX_MAGIC)] != INDEX_MAGIC:
-        raise CorruptStoreError(f"{where} is not an erstore index file (bad magic tag)")
+        raise damaged(where, "is not an erstore index file (bad magic tag)")
     version, header_len = struct.unpack_from("<II", raw, len(INDEX_MAGIC))
     check_format_version({"format_version": version}, where)
+    if header_len > min(MAX_INDEX_HEADER, len(raw) - fixed):
+        raise damaged(where, f"claims a {header_len}-byte header in a {len(raw)}-byte file")
     try:
-        header = json.loads(raw[fixed : fixed + header_len])
-        arrays, count = list(header["arrays"]), int(header["count"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptStoreError(f"{where} has a damaged header: {e}") from e
+        header = json.loads(bytes(raw[fixed : fixed + header_len]))
+        arrays, count = [check_name(a, where, "array") for a in _list(header["arrays"])], _count(header["count"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, CorruptStoreError):
+            raise
+        raise damaged(where, f"has a damaged header ({e})") from e
     body = memoryview(raw)[fixed + header_len :]  # no copy of a possibly large body
     if len(body) != count * RECORD_DTYPE.itemsize:
-        raise CorruptStoreError(
-            f"{where} should hold {count} records ({count * RECORD_DTYPE.itemsize} bytes) "
-            f"but has {len(body)} bytes; the file is truncated or damaged"
-        )
+        raise damaged(where, f"should hold {count} records ({count * RECORD_DTYPE.itemsize} bytes) "
+                             f"but has {len(body)} bytes (truncated?)")
     records = np.frombuffer(body, dtype=RECORD_DTYPE)
     if count and int(np.ascontiguousarray(records["array"]).max()) >= len(arrays):
-        raise CorruptStoreError(f"{where} points at an array outside its header")
+        raise damaged(where, "points at an array outside its header")
     return records, arrays
+
+
+def _load_sealed(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse a self-checksummed JSON file: checksum first (any format version keeps the scheme),
+    then the format version; format-1 files have no checksum."""
+    data = _load_json(raw, where)
+    found = data.get("format_version")
+    sealed = isinstance(found, int) and not isinstance(found, bool) and found >= 2
+    data = unseal(data, where, required=sealed)
+    check_format_version(data, where)
+    return data
 
 
 def _load_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as e:
-        raise CorruptStoreError(f"{where} is not valid JSON: {e}") from e
+        raise damaged(where, f"is not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise CorruptStoreError(f"{where} should hold a JSON object")
+        raise damaged(where, "should hold a JSON object")
     return data

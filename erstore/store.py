@@ -20,11 +20,14 @@ import tensorstore as ts
 
 from erstore.codecs import Codec, codec_from_dict, load_params
 from erstore.errors import (
+    CorruptStoreError,
     ErstoreError,
+    IncompatibleStoreError,
     KeyNotFoundError,
     StoreNotFoundError,
 )
 from erstore.index import KeyIndex
+from erstore.integrity import MAX_MANIFEST, MAX_SMALL_JSON, damaged
 from erstore.keys import join_key, key_for_ids, window_key
 from erstore.location import Location
 from erstore.manifest import (
@@ -34,6 +37,15 @@ from erstore.manifest import (
     decode_index,
     parse_version_key,
     version_key,
+)
+from erstore.validate import (
+    array_metadata,
+    check_documents,
+    check_index,
+    codec_json_cap,
+    index_cap,
+    read_checked,
+    read_error,
 )
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
@@ -92,14 +104,19 @@ class PendingRead:
 
     def _fetched(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[int, int, int]]]]:
         """Per span: its build slot, stored parts, token ids, and (member, first, end) rows in it."""
-        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
-            parts = {name: f.result() for name, f in fs.items()}
+        for (slot, start, stop, members), (fs, ft) in zip(self._spans, self._futures):
+            try:
+                parts = {name: f.result() for name, f in fs.items()}
+                tokens = ft.result()
+            except ValueError as e:  # DATA_LOSS (crc32c), a missing chunk, an undecodable chunk
+                where = f"{self._store.location.url}/arrays/{self._store.index.arrays[slot]} rows {start}..{stop}"
+                raise read_error(where, self._keys[members[0]], self._store.location.url, e) from e
             rows = [(i, self._starts[i] - start, self._stops[i] - start) for i in members]
-            yield slot, parts, ft.result(), rows
+            yield slot, parts, tokens, rows
 
 
 def read_meta(location: Location) -> StoreMeta:
-    raw = location.read(STORE_FILE)
+    raw = location.read_capped(STORE_FILE, MAX_SMALL_JSON)
     if raw is None:
         raise StoreNotFoundError(
             f"{location.url} is not an erstore store (no {STORE_FILE}); build one with "
@@ -111,8 +128,16 @@ def read_meta(location: Location) -> StoreMeta:
 def list_versions(location: Location) -> list[int]:
     """Committed version numbers, ascending."""
     if location.read_only:
-        raw = location.read("latest.json")
-        return list(range(1, json.loads(raw)["version"] + 1)) if raw else []
+        raw = location.read_capped("latest.json", MAX_SMALL_JSON)
+        if not raw:
+            return []
+        try:
+            latest = json.loads(raw)["version"]
+            if not isinstance(latest, int) or not 0 <= latest < 10**8:
+                raise ValueError(f"version {latest!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise damaged(f"{location.url}/latest.json", f"is not a valid latest-version file ({e})") from e
+        return list(range(1, latest + 1))
     return sorted(v for k in location.list("versions/") if (v := parse_version_key(k)) is not None)
 
 
@@ -122,31 +147,50 @@ def tag_key(name: str) -> str:
 
 def resolve_tag(location: Location, name: str) -> int:
     """The version a tag (see `erstore tag`) points at."""
-    raw = location.read(tag_key(name))
+    if "/" in name or ".." in name:
+        raise StoreNotFoundError(f"{name!r} is not a version number or tag name; see `erstore versions`")
+    raw = location.read_capped(tag_key(name), MAX_SMALL_JSON)
     if raw is None:
         raise StoreNotFoundError(f"{location.url} has no version or tag {name!r}; see `erstore versions` "
                                  "and `erstore tag`")
-    data = json.loads(raw)
-    return int(data["version"])
+    try:
+        version = json.loads(raw)["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"version {version!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise damaged(f"{location.url}/{tag_key(name)}", f"is not a valid tag file ({e})") from e
+    return version
 
 
 def read_manifest(location: Location, version: int) -> VersionManifest:
-    raw = location.read(version_key(version))
+    raw = location.read_capped(version_key(version), MAX_MANIFEST)
     if raw is None:
         raise StoreNotFoundError(f"{location.url} has no version {version}")
-    return VersionManifest.from_json(raw, f"{location.url}/{version_key(version)}")
+    where = f"{location.url}/{version_key(version)}"
+    manifest = VersionManifest.from_json(raw, where)
+    if manifest.version != version:
+        raise damaged(where, f"says it is version {manifest.version}")
+    return manifest
 
 
-def load_index(location: Location, manifest: VersionManifest | None) -> KeyIndex:
+def load_index(location: Location, manifest: VersionManifest | None, *, meta: StoreMeta | None = None) -> KeyIndex:
+    """The key index of `manifest`'s version, every file checked against the manifest (and,
+    given the store's `meta`, every record against the recipe and the manifest's counts)."""
     if manifest is None:
         return KeyIndex.merge([])
-    names = [f"index/{name}.idx" for name in manifest.indexes]
+    required = meta is not None and meta.verified
     parts = []
-    for name, raw in zip(names, location.read_many(names)):
+    for name in manifest.indexes:
+        relpath = f"index/{name}.idx"
+        raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
         if raw is None:
-            raise ErstoreError(f"{location.url}/{name} is missing; the store is damaged")
-        parts.append(decode_index(raw, f"{location.url}/{name}"))
-    return KeyIndex.merge(parts)
+            raise damaged(f"{location.url}/{relpath}", "is missing")
+        parts.append(decode_index(raw, f"{location.url}/{relpath}"))
+    index = KeyIndex.merge(parts)
+    if meta is not None:
+        check_index(index, manifest, meta.recipe, f"{location.url}/{version_key(manifest.version)}")
+    index.manifest, index.verified = manifest, required
+    return index
 
 
 class Store:
@@ -157,7 +201,12 @@ class Store:
         self.location = Location.open(url, **location_options)
         self.meta = read_meta(self.location)
         self.recipe = self.meta.recipe
-        self.codec = codec_from_dict(self.recipe.codec)
+        try:
+            self.codec = codec_from_dict(self.recipe.codec)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, IncompatibleStoreError):
+                raise
+            raise damaged(f"{self.location.url}/{STORE_FILE}", f"has an invalid codec ({e})") from e
         if isinstance(version, str):  # a tag name
             version = resolve_tag(self.location, version)
         versions = list_versions(self.location)
@@ -170,7 +219,7 @@ class Store:
             )
         self.version = version
         self.manifest = read_manifest(self.location, version) if version else None
-        self.index = load_index(self.location, self.manifest)
+        self.index = load_index(self.location, self.manifest, meta=self.meta)
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
         self._arrays: dict[int, BuildArrays] = {}
         self._lock = threading.Lock()
@@ -236,19 +285,26 @@ class Store:
     def windows(self, doc_id: str) -> list[str]:
         """Keys of the windows of the corpus document `doc_id` (from the build's id field)."""
         if self._docs is None:
-            docs: dict[str, list[str]] = {}
-            if self.manifest is not None:
-                names = [f"index/{n}.docs.json" for n in self.manifest.indexes]
-                for raw in self.location.read_many(names):
-                    for doc, keys in json.loads(raw or b"{}").items():
-                        docs.setdefault(doc, keys)
-            self._docs = docs
+            self._docs = self.documents()
         try:
             return list(self._docs[str(doc_id)])
         except KeyError as e:
             raise KeyNotFoundError(
                 f"document id {doc_id!r} is not in {self.location.url} version {self.version}"
             ) from e
+
+    def documents(self) -> dict[str, list[str]]:
+        """Document id -> window keys of every build of this version (each file checked)."""
+        docs: dict[str, list[str]] = {}
+        if self.manifest is None:
+            return docs
+        for n in self.manifest.indexes:
+            relpath = f"index/{n}.docs.json"
+            raw = read_checked(self.location, self.manifest, relpath, cap=index_cap(self.manifest) * 64,
+                               required=self.meta.verified)
+            for doc, keys in check_documents(raw, f"{self.location.url}/{relpath}").items():
+                docs.setdefault(doc, keys)
+        return docs
 
     # -- reads ------------------------------------------------------------------------------
     def get(self, key: str, *, with_token_ids: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -309,7 +365,8 @@ class Store:
                 handles = self._arrays.get(slot)
                 if handles is None:
                     handles = open_arrays(self.location, self.index.arrays[slot], self.codec,
-                                          self.recipe.hidden_size, self._context)
+                                          self.recipe.hidden_size, self._context, manifest=self.manifest,
+                                          verified=self.meta.verified)
                     self._arrays[slot] = handles
         return handles
 
@@ -348,6 +405,11 @@ class Store:
         return {
             "store": self.location.url,
             "format_version": self.meta.format_version,
+            "verified_reads": self.meta.verified,
+            **({} if self.meta.verified else {"note": (
+                f"format {self.meta.format_version} store: reads are unverified (no checksums of "
+                "metadata files or chunks); rewrite it as a verified store with "
+                f"`erstore copy {self.location.url} NEW_STORE`")}),
             "created": self.meta.created,
             "version": self.version,
             "versions": list_versions(self.location),
@@ -376,28 +438,46 @@ class BuildArrays:
 
 def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: int,
                 context: ts.Context | None = None, *, create: dict[str, dict[str, Any]] | None = None,
-                params: dict[str, Any] | None = None) -> BuildArrays:
+                params: dict[str, Any] | None = None, manifest: VersionManifest | None = None,
+                verified: bool = False) -> BuildArrays:
     """Open (or, given `create` metadata per array name, create) the arrays of one build.
 
-    Creating writes `params` as the build's codec.json. Opening reads it back and checks it against
-    `codec`: damaged parameters raise CorruptStoreError here, not a numpy error on the first read.
+    Creating writes `params` as the build's codec.json. Opening checks each zarr.json and the
+    codec.json against the sizes and checksums in `manifest` (required if `verified`), checks the
+    array metadata is exactly what `codec` writes (chunk shapes, dtypes, codecs: a damaged
+    zarr.json must not size an allocation), and, for arrays with chunk checksums (zarr3 `crc32c`),
+    makes a missing chunk an error rather than zeros. Damage raises CorruptStoreError here.
     """
     handles = {}
+    if create is None and location.is_local:
+        from erstore.integrity import refuse_symlinks_out
+
+        refuse_symlinks_out(location.spec["path"], f"arrays/{array_id}", f"{location.url}/arrays/{array_id}")
     for name in [*codec.arrays(hidden_size), "tokens"]:
-        spec: dict[str, Any] = {"driver": "zarr3", "kvstore": location.child_spec(f"arrays/{array_id}/{name}")}
+        relpath = f"arrays/{array_id}/{name}"
+        spec: dict[str, Any] = {"driver": "zarr3", "kvstore": location.child_spec(relpath)}
         if create is not None:
-            spec.update(metadata=create[name], create=True)
+            # Chunks equal to the fill value are stored too, so that a missing chunk means damage.
+            spec.update(metadata=create[name], create=True, store_data_equal_to_fill_value=True)
         else:  # a committed build's arrays never change: cached chunks need no revalidation
-            spec.update(open=True, recheck_cached_data=False, recheck_cached_metadata=False)
+            raw = read_checked(location, manifest, f"{relpath}/zarr.json", cap=1 << 20, required=verified)
+            metadata, checked = array_metadata(raw, codec, hidden_size, name, f"{location.url}/{relpath}/zarr.json",
+                                               verified=verified)
+            spec.update(open=True, metadata=metadata, recheck_cached_data=False, recheck_cached_metadata=False,
+                        fill_missing_data_reads=not checked)
         try:
             handles[name] = ts.open(spec, context=context).result() if context else ts.open(spec).result()
         except ValueError as e:
+            if create is None:
+                raise damaged(f"{location.url}/{relpath}", f"cannot be opened as erstore wrote it ({e})") from e
             raise ErstoreError(f"cannot open arrays/{array_id}/{name} in {location.url}: {e}") from e
     params_key = f"arrays/{array_id}/codec.json"
     if create is not None:
         if params:
             location.write(params_key, json.dumps(params).encode())
     else:
-        params = load_params(location.read(params_key), codec, hidden_size, f"{location.url}/{params_key}")
+        raw = read_checked(location, manifest, params_key, cap=codec_json_cap(hidden_size), required=verified,
+                           optional=True)
+        params = load_params(raw, codec, hidden_size, f"{location.url}/{params_key}")
     tokens = handles.pop("tokens")
     return BuildArrays(handles, tokens, params or {})

@@ -3,7 +3,9 @@
 For each sequence of a version it re-reads the states and token ids, recomputes the xxh3-64
 checksum recorded by the writer, and recomputes the key from the stored token ids, so both
 damaged chunks and an index that points at the wrong rows are caught. A chunk that can no
-longer be decoded (truncated, bad zstd frame) marks every sequence reading it as corrupt.
+longer be decoded (truncated, bad zstd frame, crc32c mismatch) marks every sequence reading it
+as corrupt. It also checks every file the version manifest records (size and xxh3) and the
+document maps. Damage in erstore.json, a manifest or an index file already fails `erstore.open`.
 It reads in batches of concurrent requests; it does not repair anything.
 """
 
@@ -14,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from erstore.errors import CorruptStoreError
 from erstore.keys import join_key, window_key
 from erstore.store import Store
+from erstore.validate import read_checked
 from erstore.writer import checksum
 
 BATCH = 256
@@ -36,9 +40,26 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
 
+def _check_files(store: Store, report: VerifyReport) -> None:
+    """Every file the version's manifest records (size and xxh3), and the document maps."""
+    manifest = store.manifest
+    if manifest is None:
+        return
+    for relpath in sorted(manifest.files):
+        try:
+            read_checked(store.location, manifest, relpath, cap=1 << 40, required=True)
+        except CorruptStoreError as e:
+            report.corrupt.append({"key": relpath, "problem": str(e)})
+    try:
+        store.documents()
+    except CorruptStoreError as e:
+        report.corrupt.append({"key": "index/*.docs.json", "problem": str(e)})
+
+
 def verify(store: Store) -> VerifyReport:
     """Check every sequence of `store`'s version; never raises for damaged data, reports it."""
     report = VerifyReport(str(store.location.url), store.version)
+    _check_files(store, report)
     records = store.index.records
     for start in range(0, len(records), BATCH):
         positions = np.arange(start, min(start + BATCH, len(records)))

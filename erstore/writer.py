@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 
 from erstore.codecs import codec_from_dict
-from erstore.errors import CommitConflictError, IncompatibleStoreError, StoreNotFoundError
+from erstore.errors import CommitConflictError, IncompatibleStoreError, InvalidInputError, StoreNotFoundError
 from erstore.index import KeyIndex
 from erstore.keys import split_key
 from erstore.location import Location
@@ -43,6 +43,7 @@ from erstore.manifest import (
     version_key,
 )
 from erstore.store import BuildArrays, list_versions, load_index, open_arrays, read_manifest
+from erstore.validate import MAX_SEQUENCE_ROWS, array_file_records, file_record
 
 FLUSH_BYTES = 16 * 1024 * 1024
 COMMIT_ATTEMPTS = 50
@@ -135,7 +136,7 @@ class StoreWriter:
         self.build_id = new_build_id()
         versions = list_versions(self.location)
         self._base = read_manifest(self.location, versions[-1]) if versions else None
-        self.committed = load_index(self.location, self._base)
+        self.committed = load_index(self.location, self._base, meta=self.meta)
         self._adopted = self._adopt_journals()
         self._known = KeyIndex.merge([(self.committed.records, self.committed.arrays), *self._adopted])
 
@@ -191,6 +192,9 @@ class StoreWriter:
                 f"expected states [n, {self.recipe.hidden_size}] and n token ids, got "
                 f"{states.shape} and {len(token_ids)}"
             )
+        if len(token_ids) > MAX_SEQUENCE_ROWS:  # readers refuse longer records as damage
+            raise InvalidInputError(f"a sequence of {len(token_ids)} tokens is longer than the {MAX_SEQUENCE_ROWS} "
+                                    "a store can hold in one record; split it into windows")
         hi, lo = split_key(key)
         row = self._written_rows + len(self._encoded_tokens) + self._raw_rows
         self._records.append((hi, lo, row, 0, 0, len(token_ids), boundary))
@@ -290,16 +294,22 @@ class StoreWriter:
             self._cleanup_journals()
             self.closed = True
             return None
-        self.location.write(f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays))
-        self.location.write(f"index/{self.build_id}.docs.json", json.dumps(self._docs, sort_keys=True).encode())
+        files = {}  # size and checksum of every file this build adds, for verified reads
+        for relpath, raw in ((f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays)),
+                             (f"index/{self.build_id}.docs.json", json.dumps(self._docs, sort_keys=True).encode())):
+            self.location.write(relpath, raw)
+            files[relpath] = file_record(raw)
+        for a in merged.arrays:
+            files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
         added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
         info = {"libraries": library_versions(), **(build or {})}
-        manifest = self._publish(fresh, added_bytes, info)
+        manifest = self._publish(fresh, added_bytes, info, files)
         self._cleanup_journals()
         self.closed = True
         return manifest
 
-    def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any]) -> VersionManifest:
+    def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any],
+                 files: dict[str, dict[str, Any]]) -> VersionManifest:
         base, index = self._base, self.committed
         for _ in range(COMMIT_ATTEMPTS):
             new = fresh[index.find_halves(fresh["hi"], fresh["lo"]) < 0] if base is not self._base else fresh
@@ -314,6 +324,7 @@ class StoreWriter:
                               totals.bytes + added.bytes),
                 build=info,
                 parent=base.version if base else None,
+                files={**(base.files if base else {}), **files},
             )
             if self.location.write_if_absent(version_key(manifest.version), manifest.to_json()):
                 self.location.write("latest.json", json.dumps({"version": manifest.version}).encode())

@@ -113,3 +113,19 @@ def test_predict_computes_misses_and_writes_back(zoo, tmp_path):
     np.testing.assert_array_equal(model.predict([new], store=grown)[0], miss)
     both = model.predict([new, SENTENCES[0]], store=store)  # padded together: rounding only
     np.testing.assert_allclose(np.stack(both), np.stack([miss, hit]), atol=1e-5)
+
+
+def test_train_refuses_a_store_of_another_layer(zoo):
+    from erstore.errors import IncompatibleStoreError
+
+    layer2, layer4 = zoo.store("bert", layer=2), zoo.store("bert", layer=4)
+    model = ReducedModel.for_store(layer2, task="sequence", num_labels=2)
+    before = snapshot(model)
+    keys, labels = data(layer4)
+    with pytest.raises(IncompatibleStoreError, match="holds layer 4.*starts at layer 2"):
+        train(model, layer4, keys, labels)
+    with layer4.loader(labels=dict(zip(keys, labels)), batch_size=2) as batches:
+        with pytest.raises(IncompatibleStoreError, match="holds layer 4"):
+            train(model, batches)
+    assert not changed(model, before)  # refused before any step
+    assert train(model, layer2, *data(layer2), epochs=1)  # its own store still trains

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from erstore.errors import CorruptStoreError, IncompatibleStoreError
+from erstore.integrity import seal
 from erstore.manifest import (
     FORMAT_VERSION,
     RECORD_DTYPE,
@@ -35,7 +36,7 @@ def test_index_golden_bytes():
     records = np.array([(1, 2, 3, 4, 0, 5, 0)], dtype=RECORD_DTYPE)
     raw = encode_index(records, ["build-a"])
     header = b'{"arrays": ["build-a"], "count": 1}'
-    expected = (b"ERSTIDX\n" + (1).to_bytes(4, "little") + len(header).to_bytes(4, "little") + header
+    expected = (b"ERSTIDX\n" + (2).to_bytes(4, "little") + len(header).to_bytes(4, "little") + header
                 + (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + (3).to_bytes(8, "little")
                 + (4).to_bytes(8, "little") + (0).to_bytes(4, "little") + (5).to_bytes(4, "little")
                 + (0).to_bytes(4, "little"))
@@ -44,14 +45,46 @@ def test_index_golden_bytes():
 
 
 def test_version_manifest_golden_fields():
+    files = {"index/a.idx": {"bytes": 60, "xxh3_64": "xxh3-64:0123456789abcdef"}}
     m = VersionManifest(version=2, created="t", indexes=("a", "b"), added=Counts(1, 2, 3),
-                        totals=Counts(4, 5, 6), parent=1)
+                        totals=Counts(4, 5, 6), parent=1, files=files)
     data = json.loads(m.to_json())
     assert data == {"version": 2, "created": "t", "indexes": ["a", "b"],
                     "added": {"sequences": 1, "tokens": 2, "bytes": 3},
                     "totals": {"sequences": 4, "tokens": 5, "bytes": 6}, "build": {}, "parent": 1,
-                    "format_version": FORMAT_VERSION}
+                    "format_version": 2, "files": files,
+                    # xxh3-64 of the canonical JSON (indent 2, sorted keys) of every other field
+                    "checksum": "xxh3-64:3ac644e4b9f62afc"}
+    assert FORMAT_VERSION == 2
     assert VersionManifest.from_json(m.to_json(), "x") == m
+
+
+def test_store_meta_golden_bytes():
+    raw = StoreMeta(recipe(), "t", {"erstore": "0"}).to_json()
+    assert raw.startswith(b'{\n  "checksum": "xxh3-64:')
+    data = json.loads(raw)
+    assert data["format_version"] == 2 and data["checksum"] == "xxh3-64:d7865a4856a62490"
+    assert StoreMeta.from_json(raw, "x").recipe == recipe()
+
+
+def test_format_1_files_still_parse_unverified():
+    m = VersionManifest(version=1, created="t", indexes=("a",), added=Counts(1, 2, 3), totals=Counts(1, 2, 3),
+                        format_version=1)
+    raw = m.to_json()
+    assert b"checksum" not in raw and b"files" not in raw
+    assert VersionManifest.from_json(raw, "x").files == {}
+    meta = StoreMeta(recipe(), "t", {}, format_version=1)
+    assert not StoreMeta.from_json(meta.to_json(), "x").verified
+
+
+def test_array_metadata_pins_crc32c_chunks():
+    from erstore.codecs import LosslessCodec
+    from erstore.validate import expected_arrays
+
+    arrays = expected_arrays(LosslessCodec("float16"), 384)
+    assert [c["name"] for c in arrays["states"]["codecs"]] == ["bytes", "zstd", "crc32c"]
+    assert [c["name"] for c in arrays["tokens"]["codecs"]] == ["bytes", "zstd", "crc32c"]
+    assert arrays["tokens"]["chunk_grid"]["configuration"]["chunk_shape"] == [4096]
 
 
 @given(st.lists(st.tuples(*(st.integers(0, 2**64 - 1) for _ in range(4)),
@@ -82,6 +115,9 @@ def test_newer_format_version_asks_to_upgrade():
     meta = json.loads(StoreMeta(recipe(), "now", {}).to_json())
     meta["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(IncompatibleStoreError, match="upgrade erstore"):
+        StoreMeta.from_json(seal(meta), "erstore.json")
+    # Changed without a new checksum, it is damage, not a newer format.
+    with pytest.raises(CorruptStoreError, match="does not match its checksum"):
         StoreMeta.from_json(json.dumps(meta).encode(), "erstore.json")
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import erstore
+from erstore.integrity import seal
 from erstore.codecs import LosslessCodec, storage_dtype
 from erstore.errors import (
     IncompatibleStoreError,
@@ -128,8 +129,8 @@ def test_other_recipe_is_refused_naming_the_field(tmp_path):
 def test_newer_store_format_fails_clearly(tmp_path):
     write(tmp_path / "s", make_recipe(4), random_seqs(np.random.default_rng(5), 2, 4))
     meta = json.loads((tmp_path / "s" / "erstore.json").read_text())
-    meta["format_version"] = 99
-    (tmp_path / "s" / "erstore.json").write_text(json.dumps(meta))
+    meta["format_version"] = 99  # as a newer erstore would write it: with a valid checksum
+    (tmp_path / "s" / "erstore.json").write_bytes(seal(meta))
     with pytest.raises(IncompatibleStoreError, match="format_version 99.*upgrade"):
         erstore.open(tmp_path / "s")
 
