@@ -90,6 +90,13 @@ class PendingRead:
                                   self._boundaries[i], params)
         return out
 
+    def spans(self) -> Iterator[tuple[int, int, list[int], dict[str, np.ndarray], np.ndarray]]:
+        """Per merged span, once its reads finish: (build slot, first stored row, indices of the
+        positions asked that lie in it, stored parts and token ids of its rows). Readers that lay
+        out batches themselves (erstore.torchdata) take the rows from here."""
+        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
+            yield slot, start, members, {name: f.result() for name, f in fs.items()}, ft.result()
+
     def _fetched(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[int, int, int]]]]:
         """Per span: its build slot, stored parts, token ids, and (member, first, end) rows in it."""
         for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
