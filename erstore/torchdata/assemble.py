@@ -32,7 +32,7 @@ import torch
 
 from erstore import torchcodecs
 from erstore.codecs import Codec, Int4Codec
-from erstore.torchdata.collate import LabelColumns, pad_field
+from erstore.torchdata.collate import pad_field
 
 _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
@@ -199,7 +199,7 @@ class Assembler:
         self.ds, self.codec, self.dtype = dataset, codec, dtype
         self.pad_token_id, self.label_pad = pad_token_id, label_pad
         self.device, self.pin, self.on_device = device, pin, on_device
-        self.labels = LabelColumns(dataset.fields, dataset.lengths) if dataset.fields is not None else None
+        self.labels = dataset.label_columns()
         self.keys = dataset.item_keys()
         self.d = dataset.hidden_size
 
@@ -364,7 +364,7 @@ class _Pack:
             if index is None:
                 dst[...] = src
             else:
-                np.take(src, index, axis=0, out=dst)
+                np.take(src, index, axis=0, out=dst, mode="clip")  # "raise" would buffer `out`
         moved = host.to(device, non_blocking=pin)
         out = {}
         for name, _, _, at, shape, dtype in self.entries:

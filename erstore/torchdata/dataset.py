@@ -94,6 +94,7 @@ class StoreDataset(Dataset):
         self.max_length = self._store.recipe.max_length
         self.block_rows = self._store.codec.rows_per_chunk(self.hidden_size)
         self._key_list: list[str] | None = self.keys
+        self._columns: Any = None
 
     def item_keys(self) -> list[str]:
         """The key of every item, in dataset order (computed once)."""
@@ -102,11 +103,22 @@ class StoreDataset(Dataset):
             self._key_list = [join_key(hi, lo) for hi, lo in zip(recs["hi"].tolist(), recs["lo"].tolist())]
         return self._key_list
 
+    def label_columns(self) -> Any:
+        """The label fields as `erstore.torchdata.collate.LabelColumns` (None without labels), built once."""
+        if self.fields is None:
+            return None
+        if self._columns is None:
+            from erstore.torchdata.collate import LabelColumns
+
+            self._columns = LabelColumns(self.fields, self.lengths)
+        return self._columns
+
     # -- process safety -----------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_store"] = None  # TensorStore handles do not pickle; reopened on first use
         state["_local"] = None
+        state["_columns"], state["_key_list"] = None, self.keys  # rebuilt on demand: smaller pickles
         return state
 
     @property
