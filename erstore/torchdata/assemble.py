@@ -4,7 +4,8 @@ The Loader reads consecutive batches in read groups (one storage read each). `Gr
 read group's raw stored parts arrive from storage: the spans of one `PendingRead`, concatenated
 (per build for lossy codecs, all builds together for lossless ones) with a zero row appended, so
 that every token of every batch is "row `i` of the group" and every padding position is "the zero
-row". A run of consecutive batches (a `Run`) is then laid out at once:
+row". `Layout` computes, once per group, where every token comes from and goes; a run of
+consecutive batches (a `Cut` of it) is then materialised at once:
 
 - host: one `index_select` of the group's decoded rows into the run's padded [sum B*L, d] buffer
   (padding gathers the zero row), one for the token ids, one numpy op for the mask; label
@@ -24,7 +25,6 @@ Not here: the order of batches (erstore.shuffle), threads and queues (producer.p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -131,52 +131,83 @@ def _concat(arrays: list[np.ndarray], *, zero_row: bool = False) -> np.ndarray:
     return out
 
 
-@dataclass
-class Run:
-    """A run of consecutive batches of one read group, laid out together.
-
-    `items`: dataset indices in batch order; `first`: group index of items[0] (a run's items are
-    consecutive in its group); `sizes`: items per batch.
-    """
-
-    items: np.ndarray
-    first: int
-    sizes: list[int]
-
-
 class Layout:
-    """Where every real token of a run comes from (group row) and goes (flat padded row)."""
+    """Where every real token of a read group's batches comes from (group row) and goes (flat
+    padded row, batch after batch), computed once per group with a few numpy calls; runs of
+    batches are slices of it (`cut`), so a run costs no per-token index work on the host path."""
 
-    def __init__(self, run: Run, lengths: np.ndarray, offset: np.ndarray):
-        m, k = len(run.items), len(run.sizes)
-        self.lengths = lengths[run.items]
-        sizes = np.asarray(run.sizes, dtype=np.int64)
-        self.item0 = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)  # first item of each batch
-        self.widths = np.maximum.reduceat(self.lengths, self.item0)
-        rows = sizes * self.widths
-        self.row0 = np.r_[0, np.cumsum(rows)[:-1]].astype(np.int64)
-        self.total = int(rows.sum())
-        batch = np.repeat(np.arange(k), sizes)
+    def __init__(self, batches: Sequence[np.ndarray], lengths: np.ndarray, rows: GroupRows):
+        self.items = np.concatenate(batches)
+        m, k = len(self.items), len(batches)
+        self.lengths = lengths[self.items]
+        self.sizes = np.array([len(b) for b in batches], dtype=np.int64)
+        self.item0 = np.r_[0, np.cumsum(self.sizes)].astype(np.int64)  # first item of each batch, + end
+        self.widths = np.maximum.reduceat(self.lengths, self.item0[:-1])
+        self.row0 = np.r_[0, np.cumsum(self.sizes * self.widths)].astype(np.int64)
+        batch = np.repeat(np.arange(k), self.sizes)
         rowbase = self.row0[batch] + (np.arange(m) - self.item0[batch]) * self.widths[batch]
         self.n = int(self.lengths.sum())
+        self.tok_start = np.r_[0, np.cumsum(self.lengths)].astype(np.int64)  # first token of each item, + end
         self.rep = np.repeat(np.arange(m), self.lengths)  # item of each real token
-        self.j = np.arange(self.n) - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)
+        self.j = np.arange(self.n) - self.tok_start[self.rep]
         self.dst = rowbase[self.rep] + self.j
-        self.src = offset[run.first : run.first + m][self.rep] + self.j
-        self.tok0 = np.r_[0, np.cumsum(self.lengths)][self.item0]  # first real token of each batch
-        self.sizes, self.items = run.sizes, run.items
+        self.src = rows.offset[self.rep] + self.j
+        self.full = np.full(int(self.row0[-1]), rows.zero, dtype=np.int64)  # group row of every padded row
+        self.full[self.dst] = self.src
+        self.mask = (self.full != rows.zero).astype(np.int64)
 
-    def padded_source(self, zero: int) -> np.ndarray:
-        """For every padded row: its group row, or `zero` for padding."""
-        full = np.full(self.total, zero, dtype=np.int64)
-        full[self.dst] = self.src
-        return full
+    def runs(self, batches: int, rows: int) -> list[tuple[int, int]]:
+        """Consecutive batches cut into runs of at most `batches` batches and `rows` padded rows
+        (a longer batch stands alone), as (first batch, end batch)."""
+        out, start = [], 0
+        padded = (self.sizes * self.widths).tolist()
+        size = 0
+        for t, p in enumerate(padded):
+            if t > start and (t - start == batches or size + p > rows):
+                out.append((start, t))
+                start, size = t, 0
+            size += p
+        if padded:
+            out.append((start, len(padded)))
+        return out
 
-    def split(self, flat: dict[str, Any], per_item: dict[str, Any], keys: list[str]) -> list[dict[str, Any]]:
-        """The run's batches: views [B, L, ...] of the flat padded tensors, slices of per-item ones."""
+    def cut(self, t0: int, t1: int) -> Cut:
+        return Cut(self, t0, t1)
+
+
+class Cut:
+    """Batches t0..t1-1 of a `Layout`: item, token and padded-row ranges, and relative offsets."""
+
+    def __init__(self, lay: Layout, t0: int, t1: int):
+        self.lay, self.t0, self.t1 = lay, t0, t1
+        self.i0, self.i1 = int(lay.item0[t0]), int(lay.item0[t1])
+        self.r0, self.r1 = int(lay.row0[t0]), int(lay.row0[t1])
+        self.n0, self.n1 = int(lay.tok_start[self.i0]), int(lay.tok_start[self.i1])
+        self.total, self.n = self.r1 - self.r0, self.n1 - self.n0
+        self.items = lay.items[self.i0 : self.i1]
+
+    @property
+    def src(self) -> np.ndarray:
+        return self.lay.src[self.n0 : self.n1]
+
+    @property
+    def dst(self) -> np.ndarray:
+        """Padded row of each real token, relative to the run's first padded row."""
+        return self.lay.dst[self.n0 : self.n1] - self.r0
+
+    def batch_tokens(self) -> list[tuple[int, int]]:
+        """Each batch's range of real tokens, relative to the run."""
+        starts = self.lay.tok_start[self.lay.item0[self.t0 : self.t1 + 1]] - self.n0
+        return list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+
+    def split(self, flat: dict[str, Any], per_item: set[str], keys: list[str]) -> list[dict[str, Any]]:
+        """The run's batches: views [B, L, ...] of its flat padded tensors, slices of per-item ones."""
+        lay = self.lay
         out = []
-        for t, b in enumerate(self.sizes):
-            r0, w, i0 = int(self.row0[t]), int(self.widths[t]), int(self.item0[t])
+        sizes = lay.sizes[self.t0 : self.t1].tolist()
+        rows = (lay.row0[self.t0 : self.t1] - self.r0).tolist()
+        items = (lay.item0[self.t0 : self.t1] - self.i0).tolist()
+        for t, (b, w, r0, i0) in enumerate(zip(sizes, lay.widths[self.t0 : self.t1].tolist(), rows, items)):
             batch: dict[str, Any] = {}
             for name, v in flat.items():
                 if name == "keys":
@@ -191,8 +222,34 @@ class Layout:
         return out
 
 
+class GroupLabels:
+    """A group's label fields laid out once: per item, per padded row, or per batch ("other")."""
+
+    def __init__(self, columns: Any, lay: Layout, label_pad: int):
+        self.per_item: dict[str, np.ndarray] = {}
+        self.per_row: dict[str, np.ndarray] = {}  # padded with label_pad
+        self.per_token: dict[str, np.ndarray] = {}  # values of the real tokens, in layout order
+        self.other: dict[str, list] = {}
+        self.names = list(columns.names) if columns is not None else []
+        for name in self.names:
+            kind, values = columns.kinds[name], columns.values[name]
+            if kind == "scalar":
+                self.per_item[name] = values[lay.items]
+            elif kind == "token":
+                tokens = values[columns.offsets[name][lay.items][lay.rep] + lay.j]
+                self.per_token[name] = tokens
+                padded = np.full(len(lay.full), label_pad, dtype=tokens.dtype)
+                padded[lay.dst] = tokens
+                self.per_row[name] = padded
+            else:
+                self.other[name] = [pad_field([values[i] for i in lay.items[a:b].tolist()],
+                                              lay.lengths[a:b].tolist(), int(w), label_pad)
+                                    for a, b, w in zip(lay.item0[:-1].tolist(), lay.item0[1:].tolist(),
+                                                       lay.widths.tolist())]
+
+
 class Assembler:
-    """Lays out runs of batches for one Loader epoch (host or device), keeping its settings."""
+    """Lays out a Loader epoch's batches, run by run (host or device), keeping its settings."""
 
     def __init__(self, *, dataset: Any, codec: Codec | None, dtype: torch.dtype, pad_token_id: int,
                  label_pad: int, device: torch.device, pin: bool, on_device: bool):
@@ -203,36 +260,18 @@ class Assembler:
         self.keys = dataset.item_keys()
         self.d = dataset.hidden_size
 
-    # -- the parts both paths share ------------------------------------------------------------
-    def _label_arrays(self, lay: Layout) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list]]:
-        """Per-item label columns [m], per-token ones as (values [n] of the real tokens), and
-        per-batch "other" fields."""
-        scalars: dict[str, np.ndarray] = {}
-        tokens: dict[str, np.ndarray] = {}
-        other: dict[str, list] = {}
-        if self.labels is None:
-            return scalars, tokens, other
-        for name in self.labels.names:
-            kind, values = self.labels.kinds[name], self.labels.values[name]
-            if kind == "scalar":
-                scalars[name] = values[lay.items]
-            elif kind == "token":
-                tokens[name] = values[self.labels.offsets[name][lay.items][lay.rep] + lay.j]
-            else:
-                other[name] = [pad_field([values[i] for i in lay.items[i0 : i0 + b].tolist()],
-                                         lay.lengths[i0 : i0 + b].tolist(), int(w), self.label_pad)
-                               for i0, b, w in zip(lay.item0.tolist(), lay.sizes, lay.widths.tolist())]
-        return scalars, tokens, other
+    def group(self, batches: Sequence[np.ndarray], rows: GroupRows) -> Group:
+        """Everything of a read group that is laid out once for all its batches."""
+        return Group(self, batches, rows)
 
-    def _decode_groups(self, lay: Layout, rows: GroupRows) -> list[tuple[int, np.ndarray]]:
+    def _decode_groups(self, cut: Cut, rows: GroupRows) -> list[tuple[int, np.ndarray]]:
         """(slot index, token positions in the run) per decode call: all tokens at once for lossless
         codecs; per build otherwise; per batch and build for codecs that are not row-independent
         (the rows `Collate` decoded together before, so the bits are the same)."""
         if rows.lossless:
-            return [(0, np.arange(lay.n))]
-        slot = rows.slot_of(lay.src)
-        spans = [(0, lay.n)] if row_independent(self.codec) else \
-            list(zip(lay.tok0.tolist(), [*lay.tok0[1:].tolist(), lay.n]))
+            return [(0, np.arange(cut.n))]
+        slot = rows.slot_of(cut.src)
+        spans = [(0, cut.n)] if row_independent(self.codec) else cut.batch_tokens()
         out = []
         for a, b in spans:
             for k in dict.fromkeys(slot[a:b].tolist()):
@@ -242,47 +281,6 @@ class Assembler:
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin and not self.on_device)
 
-    # -- host ------------------------------------------------------------------------------------
-    def host(self, run: Run, rows: GroupRows) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-        """The run's batches as CPU tensors (pinned when a device copy follows); and the flat tensors."""
-        lay = Layout(run, self.ds.lengths, rows.offset)
-        group_index = torch.from_numpy(lay.padded_source(rows.zero))
-        full = None
-        if row_independent(self.codec):
-            source = rows.source()
-        else:  # decode batch by batch, build by build, on the rows decoded together before
-            chunks, where = [], np.empty(lay.n, dtype=np.int64)
-            at = 0
-            for k, sel in self._decode_groups(lay, rows):
-                local = lay.src[sel] - rows.bases[k]
-                chunks.append(rows._decode({n: p[local] for n, p in rows.raw[k].items()}, k))
-                where[sel] = at + np.arange(len(sel))
-                at += len(sel)
-            source = torchcodecs.as_tensor(_concat(chunks, zero_row=True))
-            full = np.full(lay.total, at, dtype=np.int64)
-            full[lay.dst] = where
-        states = self._gather(source, group_index if full is None else torch.from_numpy(full), self.dtype)
-        ids = self._gather(torch.from_numpy(rows.tokens), group_index, torch.long)
-        mask = np.zeros(lay.total, dtype=np.int64)
-        mask[lay.dst] = 1
-        flat: dict[str, Any] = {"hidden_states": states.view(lay.total, self.d),
-                                "attention_mask": self._pinned(torch.from_numpy(mask)), "input_ids": ids,
-                                "keys": None, "boundaries": self._pinned(torch.from_numpy(self.ds.boundaries[lay.items]))}
-        scalars, tokens, other = self._label_arrays(lay)
-        for name in self.labels.names if self.labels else []:
-            if name in scalars:
-                flat[name] = self._pinned(torch.from_numpy(scalars[name]))
-            elif name in tokens:
-                padded = np.full(lay.total, self.label_pad, dtype=tokens[name].dtype)
-                padded[lay.dst] = tokens[name]
-                flat[name] = self._pinned(torch.from_numpy(padded))
-            else:
-                flat[name] = other[name]
-        per_item = {"boundaries", *scalars}
-        keys = [self.keys[i] for i in lay.items.tolist()]
-        bases = [v for v in flat.values() if isinstance(v, torch.Tensor)]
-        return lay.split(flat, per_item, keys), bases
-
     def _gather(self, source: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """source[index] as `dtype`: one gather, plus one casting copy when the dtypes differ."""
         if source.dtype == dtype:
@@ -290,53 +288,103 @@ class Assembler:
         out = self._empty((len(index), *source.shape[1:]), dtype)
         return out.copy_(source.index_select(0, index))
 
-    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory() if self.pin and not self.on_device else t
+
+class Group:
+    """One read group's layout and label arrays, and its runs' batches (host or device)."""
+
+    def __init__(self, asm: Assembler, batches: Sequence[np.ndarray], rows: GroupRows):
+        self.asm, self.rows = asm, rows
+        self.lay = Layout(batches, asm.ds.lengths, rows)
+        self.labels = GroupLabels(asm.labels, self.lay, asm.label_pad)
+        self.keys = [asm.keys[i] for i in self.lay.items.tolist()]
+        self.boundaries = asm.ds.boundaries[self.lay.items]
+        pin = asm.pin and not asm.on_device
+        as_t = (lambda a: torch.from_numpy(a).pin_memory()) if pin else torch.from_numpy
+        self.host = {"full": torch.from_numpy(self.lay.full), "attention_mask": as_t(self.lay.mask),
+                     "boundaries": as_t(self.boundaries), **{n: as_t(v) for n, v in self.labels.per_item.items()},
+                     **{n: as_t(v) for n, v in self.labels.per_row.items()}}
+
+    def runs(self, batches: int, rows: int) -> list[Cut]:
+        return [self.lay.cut(a, b) for a, b in self.lay.runs(batches, rows)]
+
+    # -- host ------------------------------------------------------------------------------------
+    def host_run(self, cut: Cut) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+        """The run's batches as CPU tensors (pinned when a device copy follows); and their bases."""
+        asm, rows = self.asm, self.rows
+        index = self.host["full"][cut.r0 : cut.r1]
+        if row_independent(asm.codec):
+            states = asm._gather(rows.source(), index, asm.dtype)
+        else:  # decode batch by batch, build by build, on the rows decoded together before
+            chunks, where, at = [], np.empty(cut.n, dtype=np.int64), 0
+            for k, sel in asm._decode_groups(cut, rows):
+                local = cut.src[sel] - rows.bases[k]
+                chunks.append(rows._decode({n: p[local] for n, p in rows.raw[k].items()}, k))
+                where[sel] = at + np.arange(len(sel))
+                at += len(sel)
+            full = np.full(cut.total, at, dtype=np.int64)
+            full[cut.dst] = where
+            states = asm._gather(torchcodecs.as_tensor(_concat(chunks, zero_row=True)), torch.from_numpy(full), asm.dtype)
+        ids = asm._gather(torch.from_numpy(rows.tokens), index, torch.long)
+        flat: dict[str, Any] = {"hidden_states": states.view(cut.total, asm.d),
+                                "attention_mask": self.host["attention_mask"][cut.r0 : cut.r1], "input_ids": ids,
+                                "keys": None, "boundaries": self.host["boundaries"][cut.i0 : cut.i1]}
+        for name in self.labels.names:
+            if name in self.labels.per_item:
+                flat[name] = self.host[name][cut.i0 : cut.i1]
+            elif name in self.labels.per_row:
+                flat[name] = self.host[name][cut.r0 : cut.r1]
+            else:
+                flat[name] = self.labels.other[name][cut.t0 : cut.t1]
+        per_item = {"boundaries", *self.labels.per_item}
+        bases = [v for v in flat.values() if isinstance(v, torch.Tensor)]
+        return cut.split(flat, per_item, self.keys[cut.i0 : cut.i1]), bases
 
     # -- device ------------------------------------------------------------------------------------
-    def device_run(self, run: Run, rows: GroupRows) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-        """The run's batches on `self.device`: one staging buffer, one copy, a few kernels."""
-        lay = Layout(run, self.ds.lengths, rows.offset)
+    def device_run(self, cut: Cut) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+        """The run's batches on the device: one staging buffer, one copy, a few kernels."""
+        asm, rows = self.asm, self.rows
         pack = _Pack()
-        groups = self._decode_groups(lay, rows)
+        groups = asm._decode_groups(cut, rows)
+        src, dst = cut.src, cut.dst
         for g, (k, sel) in enumerate(groups):
-            local = lay.src[sel] - (0 if rows.lossless else rows.bases[k])
+            local = src[sel] - (0 if rows.lossless else rows.bases[k])
             for name, part in rows.raw[k].items():
                 pack.add(f"p{g}.{name}", part, local)
-            pack.add(f"d{g}", lay.dst[sel])
-        pack.add("tokens", rows.tokens, lay.src)
-        pack.add("dst", lay.dst)
-        pack.add("boundaries", self.ds.boundaries[lay.items])
-        scalars, tokens, other = self._label_arrays(lay)
-        for name, values in {**scalars, **tokens}.items():
-            pack.add(f"l.{name}", values)
-        dev = pack.to(self.device, pin=self.pin)  # the run's one host-to-device copy
-        states = torch.zeros(lay.total, self.d, dtype=self.dtype, device=self.device)
+            pack.add(f"d{g}", dst[sel])
+        pack.add("tokens", rows.tokens, src)
+        pack.add("dst", dst)
+        pack.add("boundaries", self.boundaries[cut.i0 : cut.i1])
+        for name, values in self.labels.per_item.items():
+            pack.add(f"l.{name}", values[cut.i0 : cut.i1])
+        for name, values in self.labels.per_token.items():
+            pack.add(f"l.{name}", values[cut.n0 : cut.n1])
+        dev = pack.to(asm.device, pin=asm.pin)  # the run's one host-to-device copy
+        states = torch.zeros(cut.total, asm.d, dtype=asm.dtype, device=asm.device)
         for g, (k, _) in enumerate(groups):
             parts = {name: dev[f"p{g}.{name}"] for name in rows.raw[k]}
-            params = rows.params.get(rows.slots[k], {}) if not rows.lossless else {}
-            decoded = torchcodecs.decode(self.codec, parts, params) if self.codec is not None else \
-                parts["states"]
-            states.index_copy_(0, dev[f"d{g}"], decoded.to(self.dtype))
-        dst = dev["dst"]
-        ids = torch.full((lay.total,), self.pad_token_id, dtype=torch.long, device=self.device)
-        ids.index_copy_(0, dst, dev["tokens"].to(torch.long))
-        mask = torch.zeros(lay.total, dtype=torch.long, device=self.device).index_fill_(0, dst, 1)
+            if asm.codec is None:
+                decoded = parts["states"]
+            else:
+                decoded = torchcodecs.decode(asm.codec, parts, {} if rows.lossless else rows.params.get(rows.slots[k], {}))
+            states.index_copy_(0, dev[f"d{g}"], decoded.to(asm.dtype))
+        at = dev["dst"]
+        ids = torch.full((cut.total,), asm.pad_token_id, dtype=torch.long, device=asm.device)
+        ids.index_copy_(0, at, dev["tokens"].to(torch.long))
+        mask = torch.zeros(cut.total, dtype=torch.long, device=asm.device).index_fill_(0, at, 1)
         flat: dict[str, Any] = {"hidden_states": states, "attention_mask": mask, "input_ids": ids, "keys": None,
                                 "boundaries": dev["boundaries"]}
-        for name in self.labels.names if self.labels else []:
-            if name in scalars:
+        for name in self.labels.names:
+            if name in self.labels.per_item:
                 flat[name] = dev[f"l.{name}"]
-            elif name in tokens:
+            elif name in self.labels.per_token:
                 values = dev[f"l.{name}"]
-                padded = torch.full((lay.total,), self.label_pad, dtype=values.dtype, device=self.device)
-                flat[name] = padded.index_copy_(0, dst, values)
+                padded = torch.full((cut.total,), asm.label_pad, dtype=values.dtype, device=asm.device)
+                flat[name] = padded.index_copy_(0, at, values)
             else:
-                flat[name] = other[name]
-        per_item = {"boundaries", *scalars}
-        keys = [self.keys[i] for i in lay.items.tolist()]
+                flat[name] = self.labels.other[name][cut.t0 : cut.t1]
+        per_item = {"boundaries", *self.labels.per_item}
         bases = [v for v in flat.values() if isinstance(v, torch.Tensor)]
-        return lay.split(flat, per_item, keys), bases
+        return cut.split(flat, per_item, self.keys[cut.i0 : cut.i1]), bases
 
 
 class _Pack:

@@ -3,9 +3,10 @@
 Consecutive batches are read in groups of about one shuffle window (`buffer_blocks` x
 `block_rows` stored rows) with one batched storage read per group, issued one group ahead so
 TensorStore fetches and decompresses group g+1 on its own threads while this thread lays out
-the batches of group g. A group's batches are laid out in runs of up to `run_batches` batches
-(and at most `RUN_VALUES` padded values) by `erstore.torchdata.assemble`: a constant number of
-vectorised calls per run. The queue between thread and consumer holds finished runs.
+the batches of group g. A group's layout (every token's source and destination row) is computed
+once by `erstore.torchdata.assemble`, then its batches are materialised in runs of up to
+`run_batches` batches (and at most `RUN_VALUES` padded values): a constant number of vectorised
+calls per group and per run, none per sequence. The queue between thread and consumer holds finished runs.
 Not here: the consumer side (loader.py), batch layout (assemble.py).
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from erstore.torchdata import dataset as _dataset
-from erstore.torchdata.assemble import Assembler, GroupRows, Run
+from erstore.torchdata.assemble import Assembler, Cut, Group, GroupRows
 
 RUN_VALUES = 1 << 23  # padded values per run (32 MB of float32): bounds a run's buffers
 
@@ -73,11 +74,11 @@ class Producer:
                 fetched = pending.result() if self.codec is None else list(pending.spans())
                 if g + 1 < len(groups):  # TensorStore reads the next group while this one is laid out
                     pending = self._start_read(groups[g + 1])
-                rows = self._arrived(fetched, items)
-                for run in runs(group, self.dataset.lengths, self.run_batches, RUN_VALUES // self.dataset.hidden_size):
+                laid = self.assembler.group(group, self._arrived(fetched, items))
+                for run in laid.runs(self.run_batches, RUN_VALUES // self.dataset.hidden_size):
                     if stop.is_set():
                         return
-                    if not _put(out, stop, self._prepare(run, rows)):
+                    if not _put(out, stop, self._prepare(laid, run)):
                         return
             _put(out, stop, END)
         except BaseException as e:  # re-raised in the consumer with this traceback
@@ -95,13 +96,13 @@ class Producer:
         params = {slot: store._array(slot).params for slot in {int(s[0]) for s in fetched}}
         return GroupRows(fetched, self.dataset._row[items], self.codec, params, self.pad_token_id)
 
-    def _prepare(self, run: Run, rows: GroupRows) -> Prepared:
+    def _prepare(self, group: Group, run: Cut) -> Prepared:
         if self.on_device:
             with torch.cuda.stream(self.stream) if self.cuda else _nothing():
-                batches, bases = self.assembler.device_run(run, rows)
+                batches, bases = group.device_run(run)
                 event = self._record()
             return Prepared(batches, bases, event)
-        batches, bases = self.assembler.host(run, rows)
+        batches, bases = group.host_run(run)
         if self.device.type == "cpu":
             return Prepared(batches, bases, None)
         with torch.cuda.stream(self.stream) if self.cuda else _nothing():
@@ -136,22 +137,6 @@ def _same_view(v: Any, bases: list[torch.Tensor], moved: dict[int, torch.Tensor]
             offset = v.storage_offset() - base.storage_offset()
             return moved[id(base)].view(-1)[offset : offset + v.numel()].view(v.shape)
     raise RuntimeError("batch tensor is not a view of the run's tensors")  # an erstore bug
-
-
-def runs(group: Sequence[np.ndarray], lengths: np.ndarray, batches: int, rows: int) -> Iterator[Run]:
-    """A group's batches cut into runs of consecutive batches: at most `batches` batches and
-    `rows` padded rows each (a longer batch stands alone)."""
-    at, current, size, first = 0, [], 0, 0
-    for idx in group:
-        padded = len(idx) * int(lengths[idx].max())
-        if current and (len(current) == batches or size + padded > rows):
-            yield Run(np.concatenate(current), first, [len(c) for c in current])
-            first, current, size = at, [], 0
-        current.append(idx)
-        size += padded
-        at += len(idx)
-    if current:
-        yield Run(np.concatenate(current), first, [len(c) for c in current])
 
 
 def read_groups(batches: Sequence[np.ndarray], lengths: np.ndarray, rows: int) -> list[list[np.ndarray]]:
