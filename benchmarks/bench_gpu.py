@@ -238,9 +238,9 @@ def training(name: str, model: str, layer: int, path: Path, keys: list[str], ids
             with torch.no_grad():
                 h = extractor(ids[i], mask, None, [layer])[layer]
             step(sr_model, sr_opt, {"hidden_states": h.float(), "attention_mask": mask, "labels": label_batches[i]})
-            host = h.float().cpu().numpy()
+            host, host_ids = h.float().cpu().numpy(), ids[i].cpu().numpy().astype(np.int32)
             for j, k in enumerate(sr_keys[i * b : (i + 1) * b]):
-                writer.append(k, host[j], ids[i][j].cpu().numpy().astype(np.int32))
+                writer.append(k, host[j], host_ids[j])
         writer.commit(build={"source": "bench_gpu SR"})
     with erstore.open(str(sr_path)).loader(sr_keys, labels=labels, batch_size=b, shuffle=True, seed=0, prefetch=4,
                                            device="cuda", drop_last=True) as loader:

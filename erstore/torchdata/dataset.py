@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import Dataset
 
 from erstore.errors import ErstoreError, KeyNotFoundError
-from erstore.keys import join_key
 from erstore.store import Entry, Store
 
 _FORKED = False  # set in children forked after this module was imported (TensorStore unusable)
@@ -100,7 +99,11 @@ class StoreDataset(Dataset):
         """The key of every item, in dataset order (computed once)."""
         if self._key_list is None:
             recs = self.store.index.records[self.positions]
-            self._key_list = [join_key(hi, lo) for hi, lo in zip(recs["hi"].tolist(), recs["lo"].tolist())]
+            # join_key for every item at once: both halves big-endian, one hex string, cut in 32s.
+            halves = np.empty((len(recs), 2), dtype=">u8")
+            halves[:, 0], halves[:, 1] = recs["hi"], recs["lo"]
+            text = halves.tobytes().hex()
+            self._key_list = [text[i : i + 32] for i in range(0, len(text), 32)]
         return self._key_list
 
     def label_columns(self) -> Any:
