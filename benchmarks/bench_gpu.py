@@ -1,18 +1,33 @@
-"""Recycled vs full on a GPU, measured side by side in one run (needs CUDA).
+"""Recycled vs tail-only vs full on a GPU, inference and training, side by side in one run (needs CUDA).
 
-    python benchmarks/bench_gpu.py [--models minilm,base] [--batches 40] [--dtypes float32,bfloat16]
+    python benchmarks/bench_gpu.py [--models minilm,base] [--batches 20] [--dtypes float32,bfloat16]
+                                   [--batch-sizes 32,256] [--stores fp16,bf16-shuffle,int8] [--epochs 6]
 
 Models: MiniLM-L6-H384 (store at layer 3) and BERT-base (12 x 768, store at layer 6), both with
-random weights from their configs: speed does not depend on the weights. Stores are built on
-the GPU, fp16 + zstd (erstore's default codec), from 128-token windows of the default corpus.
-Per model and compute dtype, ms per batch of 32 x 128 tokens, each the mean over `--batches`
-batches with one CUDA synchronize at the end (a pipelined steady state):
+random weights from their configs (speed does not depend on the weights). Per model three stores
+are built on the GPU from 128-token windows of the default corpus: `fp16` (the default codec),
+`bf16-shuffle` (`--codec shuffle --dtype bfloat16`) and `int8` (`--codec int8`).
+
+Inference, per model x compute dtype x batch size (B x 128 tokens) x store, ms per batch, each the
+mean over `--batches` batches with one CUDA synchronize at the end (a pipelined steady state):
   full          the whole model on token ids already on the GPU
   tail only     layers k..N-1 on hidden states already on the GPU (the compute bound of recycling)
-  recycled      Loader(device="cuda", shuffle=True): read + decompress on the host, copy the fp16
-                codes, decode and pad on the GPU, then layers k..N-1
-  loader only   the same Loader with no model (what storage can deliver)
-Appends one JSON line to benchmarks/results.jsonl.
+  loader only   Loader(device="cuda", shuffle=True) with no model, and the GB/s of hidden states
+                it delivers on the device, beside the pinned host-to-device copy bandwidth
+                measured in the same run
+  recycled      the same Loader feeding layers k..N-1; target recycled / tail only <= 1.10
+  copies, kernels  host-to-device copies and kernel launches per batch of the Loader alone
+                (torch.profiler over `--batches` batches)
+Training (the paper's Table 5), batch 32 x 128, fp32, AdamW, a sequence-classification head, ms/step:
+  NR            full fine-tuning of all layers on token ids on the GPU
+  R on device   the reduced model (layers k..N-1 + head) on states already on the GPU
+  R             the same step on batches from the fp16 store via Loader(device="cuda");
+                target R / R on device <= 1.10
+  SR            save-and-recycle over `--epochs` epochs: epoch 1 runs layers 0..k-1, writes an
+                fp16 store and trains; later epochs train from it; total time / steps, as a
+                speedup over NR and as a fraction of the theoretical N / (N - k)
+Appends one JSON line to benchmarks/results.jsonl. To compare with another erstore (e.g. the
+commit before a change), run the script again with `--erstore-root OTHER_CHECKOUT`.
 """
 
 from __future__ import annotations
@@ -25,10 +40,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-from bench_consumers import B, L, base_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if "--erstore-root" in sys.argv:  # import erstore from another checkout (the baseline of an A/B)
+    ROOT = Path(sys.argv[sys.argv.index("--erstore-root") + 1]).resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+from bench_consumers import L, base_model  # noqa: E402
 from common import machine, record  # noqa: E402
 
 import erstore  # noqa: E402
@@ -37,6 +57,7 @@ CONFIGS = {  # name: (BertConfig overrides, recycled layer k)
     "minilm": ({"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}, 3),
     "base": ({}, 6),
 }
+STORES = {"fp16": ("float16", "lossless"), "bf16-shuffle": ("bfloat16", "shuffle"), "int8": ("float16", "int8")}
 
 
 def corpus(folder: Path) -> Path:
@@ -61,83 +82,238 @@ def per_batch_ms(run, n: int) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
     for i in range(n):
-        run(i)
+        run(i + 1)
     torch.cuda.synchronize()
     return (time.perf_counter() - t) * 1e3 / n
 
 
-def bench_dtype(dtype: Any, full: Any, store: erstore.Store, model: str, keys: list[str], ids: list[Any],
-                batches: int) -> dict:
-    """One row: full, tail only, loader only and recycled, in `dtype`."""
+def endless(loader: Any) -> Iterator[dict]:
+    """The loader's batches epoch after epoch (a store may hold fewer batches than are timed)."""
+    while True:
+        yield from loader
+
+
+def pinned_h2d_gbs() -> float:
+    """Host-to-device bandwidth of one 256 MB copy from pinned memory (best of 5)."""
+    import torch
+
+    host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return host.numel() / best / 1e9
+
+
+def count_launches(make_loader, n: int) -> dict:
+    """Host-to-device copies and kernel launches per batch of the Loader alone (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with make_loader() as loader:
+            it = endless(loader)
+            for _ in range(3):
+                next(it)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    next(it)
+                torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        launches = sum(1 for x in names if x in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                                   "cuLaunchKernelEx"))
+        copies = sum(1 for x in names if x.startswith("cudaMemcpy") or x.startswith("cuMemcpy"))
+        return {"copies_per_batch": round(copies / n, 2), "kernel_launches_per_batch": round(launches / n, 2)}
+    except Exception as e:  # noqa: BLE001 - profiling is a report, never a reason to lose the run
+        return {"profile_error": f"{type(e).__name__}: {e}"}
+
+
+def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any], full: Any, dtype: Any, b: int,
+              batches: int, stores: dict[str, Path]) -> list[dict]:
+    """Rows for one model x compute dtype x batch size: every store side by side."""
     import torch
 
     from consumers import load_tail
 
-    full = full.to(dtype)
-    tail = load_tail(store, model=model, device="cuda", dtype=str(dtype).removeprefix("torch."))
-    mask = torch.ones(B, L, dtype=torch.long, device="cuda")
-    states = [torch.randn(B, L, tail.hidden_size, device="cuda", dtype=dtype) for _ in range(4)]
-
-    def loader() -> Any:  # a cold cache pool each time: chunks come from the page cache
-        return erstore.open(store.location.url).loader(keys, batch_size=B, shuffle=True, seed=0, prefetch=4,
-                                                       device="cuda", dtype=dtype)
-
-    def recycle(batches_: Iterator[dict]) -> None:
-        batch = next(batches_)
-        tail(batch["hidden_states"], batch["attention_mask"])
-
+    tail = load_tail(erstore.open(path), model=model, device="cuda", dtype=str(dtype).removeprefix("torch."))
+    mask = torch.ones(b, L, dtype=torch.long, device="cuda")
+    states = [torch.randn(b, L, tail.hidden_size, device="cuda", dtype=dtype) for _ in range(4)]
+    batch_ids = [torch.cat([ids[(i * b // 32 + j) % len(ids)] for j in range(b // 32)]) for i in range(4)]
+    rows = []
     with torch.inference_mode():
-        full_ms = per_batch_ms(lambda i: full(input_ids=ids[i], attention_mask=mask), batches)
+        full_ms = per_batch_ms(lambda i: full(input_ids=batch_ids[i % 4], attention_mask=mask), batches)
         tail_ms = per_batch_ms(lambda i: tail(states[i % 4], mask), batches)
-        with loader() as only:
-            it = iter(only)
-            load_ms = per_batch_ms(lambda i: next(it), batches)
-        with loader() as both:
-            it = iter(both)
-            recycled_ms = per_batch_ms(lambda i: recycle(it), batches)
-    row = {"full_ms": full_ms, "tail_only_ms": tail_ms, "recycled_ms": recycled_ms, "loader_only_ms": load_ms}
-    row = {k: round(v, 2) for k, v in row.items()}
-    row["recycled_speedup"] = round(full_ms / recycled_ms, 3)
-    row["tail_only_speedup"] = round(full_ms / tail_ms, 3)
-    return row
+        for store_name, store_path in stores.items():
+            def loader(store_path=store_path) -> Any:  # a cold cache pool each time
+                return erstore.open(str(store_path)).loader(keys, batch_size=b, shuffle=True, seed=0, prefetch=4,
+                                                            device="cuda", dtype=dtype, drop_last=True)
+
+            with loader() as only:
+                it = endless(only)
+                load_ms = per_batch_ms(lambda i: next(it), batches)
+            with loader() as both:
+                it = endless(both)
+
+                def recycle(i: int) -> None:
+                    batch = next(it)
+                    tail(batch["hidden_states"], batch["attention_mask"])
+
+                recycled_ms = per_batch_ms(recycle, batches)
+            delivered = b * L * tail.hidden_size * torch.empty(0, dtype=dtype).element_size()
+            row = {"model": name, "compute": str(dtype).removeprefix("torch."), "batch": [b, L], "store": store_name,
+                   "full_ms": round(full_ms, 3), "tail_only_ms": round(tail_ms, 3),
+                   "loader_only_ms": round(load_ms, 3), "recycled_ms": round(recycled_ms, 3),
+                   "recycled_over_tail": round(recycled_ms / tail_ms, 3),
+                   "recycled_speedup": round(full_ms / recycled_ms, 3),
+                   "loader_delivered_gbs": round(delivered / load_ms / 1e6, 2),
+                   **count_launches(loader, batches)}
+            rows.append(row)
+            print(f"[{name} {row['compute']} {b}x{L} {store_name}] {row}", flush=True)
+    return rows
 
 
-def bench_model(name: str, batches: int, dtypes: list[str], work: Path, corpus_file: Path) -> dict:
+def training(name: str, model: str, layer: int, path: Path, keys: list[str], ids: list[Any], batches: int,
+             epochs: int, work: Path) -> dict:
+    """NR, R on device, R and SR steps, batch 32 x 128, fp32 (see the module docstring)."""
+    import torch
+
+    from consumers import ReducedModel, SequenceClassificationHead
+    from consumers.train import make_optimizer, step
+    from erstore.model import LayerExtractor
+    from erstore.writer import StoreWriter
+
+    b = 32
+    store = erstore.open(str(path))
+    labels = {k: i % 4 for i, k in enumerate(keys)}
+    label_batches = [torch.tensor([labels[k] for k in keys[i * b : (i + 1) * b]], device="cuda")
+                     for i in range(len(ids))]
+    mask = torch.ones(b, L, dtype=torch.long, device="cuda")
+    n_ids = len(ids)
+
+    class Full(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+            self.head = SequenceClassificationHead(body.config.hidden_size, 4)
+
+        def forward(self, input_ids, attention_mask, labels):
+            h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return {"loss": torch.nn.functional.cross_entropy(self.head(h), labels)}
+
+    out: dict = {"model": name, "batch": [b, L], "compute": "float32"}
+    torch.manual_seed(0)
+    net = Full(LayerExtractor(model, device="cuda").model).cuda().train()
+    opt = make_optimizer(net, lr=2e-5)
+    out["NR_ms"] = per_batch_ms(lambda i: step(net, opt, {"input_ids": ids[i % n_ids], "attention_mask": mask,
+                                                         "labels": label_batches[i % n_ids]}), batches)
+    del net, opt
+    reduced = ReducedModel.for_store(store, task="sequence", num_labels=4, model=model).cuda().train()
+    opt = make_optimizer(reduced, lr=2e-5)
+    states = [torch.randn(b, L, reduced.tail.hidden_size, device="cuda") for _ in range(4)]
+    out["R_on_device_ms"] = per_batch_ms(lambda i: step(reduced, opt, {"hidden_states": states[i % 4],
+                                                                       "attention_mask": mask,
+                                                                       "labels": label_batches[i % n_ids]}), batches)
+    with store.loader(keys, labels=labels, batch_size=b, shuffle=True, seed=0, prefetch=4, device="cuda",
+                      drop_last=True) as loader:
+        it = endless(loader)
+        out["R_ms"] = per_batch_ms(lambda i: step(reduced, opt, next(it)), batches)
+
+    # SR: epoch 1 computes layers 0..k-1, writes them and trains; epochs 2.. read them back.
+    extractor = LayerExtractor(model, device="cuda")
+    sr_path = work / f"{name}-sr-{time.time_ns()}"
+    torch.manual_seed(0)
+    sr_model = ReducedModel.for_store(store, task="sequence", num_labels=4, model=model).cuda().train()
+    sr_opt = make_optimizer(sr_model, lr=2e-5)
+    sr_keys = keys[: len(ids) * b]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with StoreWriter(str(sr_path), store.recipe) as writer:
+        for i in range(len(ids)):
+            with torch.no_grad():
+                h = extractor(ids[i], mask, None, [layer])[layer]
+            step(sr_model, sr_opt, {"hidden_states": h.float(), "attention_mask": mask, "labels": label_batches[i]})
+            host, host_ids = h.float().cpu().numpy(), ids[i].cpu().numpy().astype(np.int32)
+            for j, k in enumerate(sr_keys[i * b : (i + 1) * b]):
+                writer.append(k, host[j], host_ids[j])
+        writer.commit(build={"source": "bench_gpu SR"})
+    with erstore.open(str(sr_path)).loader(sr_keys, labels=labels, batch_size=b, shuffle=True, seed=0, prefetch=4,
+                                           device="cuda", drop_last=True) as loader:
+        loader.set_epoch(1)
+        for _ in range(1, epochs):
+            for batch in loader:
+                step(sr_model, sr_opt, batch)
+    torch.cuda.synchronize()
+    sr_ms = (time.perf_counter() - t0) * 1e3 / (epochs * len(ids))
+    n_layers = extractor.num_layers
+    theory = n_layers / (n_layers - layer)
+    out.update(SR_ms=sr_ms, SR_epochs=epochs, theoretical=round(theory, 3))
+    out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    out["R_over_on_device"] = round(out["R_ms"] / out["R_on_device_ms"], 3)
+    out["SR_speedup"] = round(out["NR_ms"] / sr_ms, 3)
+    out["SR_of_theory"] = round(out["NR_ms"] / sr_ms / theory, 3)
+    out["R_speedup"] = round(out["NR_ms"] / out["R_ms"], 3)
+    print(f"[{name} training] {out}", flush=True)
+    return out
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path, corpus_file: Path) -> dict:
     import torch
 
     from erstore.model import LayerExtractor
 
     overrides, layer = CONFIGS[name]
     model = base_model(work / f"{name}-random", **overrides)
-    path = work / f"{name}-l{layer}"
-    if not (path / "erstore.json").exists():
-        erstore.build(model=model, layers=(layer,), corpus=str(corpus_file), store=str(path),
-                      max_length=L, device="cuda", progress=False)
-    store = erstore.open(str(path))
-    keys = [e.key for e in store.read(list(store)) if len(e.token_ids) == L][: (batches + 1) * B]
-    if len(keys) < (batches + 1) * B:
-        raise SystemExit(f"{name}: only {len(keys)} full {L}-token windows; lower --batches")
-    entries = {e.key: e for e in store.read(keys)}
-    ids = [torch.tensor([entries[k].token_ids.tolist() for k in keys[i * B : (i + 1) * B]], device="cuda")
-           for i in range(batches + 1)]
-    out: dict = {"model": name, "layer": layer, "batches": batches, "batch": [B, L]}
+    t0 = time.perf_counter()
+    stores = {}
+    for store_name in args.stores.split(","):
+        dtype, codec = STORES[store_name]
+        path = work / f"{name}-l{layer}-{store_name}"
+        if not (path / "erstore.json").exists():
+            erstore.build(model=model, layers=(layer,), corpus=str(corpus_file), store=str(path), dtype=dtype,
+                          codec=codec, max_length=L, device="cuda", progress=False)
+        stores[store_name] = path
+    first = erstore.open(str(next(iter(stores.values()))))
+    keys = sorted(e.key for e in first.read(list(first)) if len(e.token_ids) == L)
+    entries = {e.key: e for e in first.read(keys)}
+    ids = [torch.tensor(np.stack([entries[k].token_ids for k in keys[i * 32 : (i + 1) * 32]]).astype(np.int64),
+                         device="cuda")
+           for i in range(len(keys) // 32)]
+    print(f"[{name}] {len(stores)} stores, {len(keys)} full windows ({time.perf_counter() - t0:.0f} s)", flush=True)
     extractor = LayerExtractor(model, device="cuda")
-    n_layers = extractor.num_layers
-    out["num_layers"], out["theoretical"] = n_layers, round(n_layers / (n_layers - layer), 3)
-
-    for dtype_name in dtypes:
-        row = bench_dtype(getattr(torch, dtype_name), extractor.model, store, model, keys, ids, batches)
-        out[dtype_name] = row
-        print(f"[{name} {dtype_name}] {row}")
+    out: dict = {"model": name, "layer": layer, "num_layers": extractor.num_layers,
+                 "theoretical": round(extractor.num_layers / (extractor.num_layers - layer), 3), "inference": []}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        full = extractor.model.to(dtype)
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            if len(keys) < 2 * b:
+                print(f"[{name}] only {len(keys)} windows: skipping batch {b}")
+                continue
+            out["inference"] += inference(name, model, first.location.url, keys, ids, full, dtype, b, args.batches, stores)
+    extractor.model.to(torch.float32)
+    del extractor, full
+    if args.epochs:
+        out["training"] = training(name, model, layer, stores.get("fp16", next(iter(stores.values()))), keys, ids,
+                                   args.batches, args.epochs, work)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,base")
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--batch-sizes", default="32,256")
+    ap.add_argument("--stores", default=",".join(STORES))
+    ap.add_argument("--epochs", type=int, default=6, help="SR epochs (0: no training rows)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "erstore-bench-gpu"))
+    ap.add_argument("--erstore-root", help="import erstore from this checkout instead (an A/B baseline)")
     ap.add_argument("--corpus", help="JSONL corpus to build from (default: written from the default corpus, "
                                      "whose size depends on the Python installation's standard library)")
     args = ap.parse_args()
@@ -146,13 +322,30 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA GPU (none found)")
+    t0 = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    print(machine())
+    print(machine(), f"erstore from {Path(erstore.__file__).parent}")
     corpus_file = Path(args.corpus) if args.corpus else corpus(work)
-    results = [bench_model(name, args.batches, args.dtypes.split(","), work, corpus_file)
-               for name in args.models.split(",")]
-    record("gpu", {"settings": {"batch": [B, L], "batches": args.batches}, "results": results})
+    h2d = pinned_h2d_gbs()
+    print(f"pinned host-to-device copy: {h2d:.1f} GB/s", flush=True)
+    results = [bench_model(name, args, work, corpus_file) for name in args.models.split(",")]
+    print("\nmodel    compute   batch   store         tail ms  recycled ms  ratio (<=1.10)  loader GB/s  copies  kernels")
+    for r in results:
+        for row in r["inference"]:
+            print(f"{row['model']:<8} {row['compute']:<9} {row['batch'][0]:>5}   {row['store']:<13} "
+                  f"{row['tail_only_ms']:>7.2f}  {row['recycled_ms']:>11.2f}  {row['recycled_over_tail']:>14.3f}  "
+                  f"{row['loader_delivered_gbs']:>11.1f}  {row.get('copies_per_batch', '-'):>6}  "
+                  f"{row.get('kernel_launches_per_batch', '-'):>7}")
+        if "training" in r:
+            t = r["training"]
+            print(f"{r['model']} training: R / R on device = {t['R_over_on_device']} (<= 1.10); SR over "
+                  f"{t['SR_epochs']} epochs = {t['SR_speedup']}x = {t['SR_of_theory']} of theory {t['theoretical']}")
+    print(f"pinned host-to-device copy bandwidth: {h2d:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
+    record("gpu", {"settings": {"batch_sizes": args.batch_sizes, "tokens": L, "batches": args.batches,
+                                "stores": args.stores, "epochs": args.epochs,
+                                "erstore": str(Path(erstore.__file__).parent)},
+                   "pinned_h2d_gbs": round(h2d, 2), "results": results})
 
 
 if __name__ == "__main__":

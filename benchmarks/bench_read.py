@@ -9,6 +9,13 @@ fp16). Then, on the same stored bytes:
   loader  erstore Loader, sequential, block-shuffled, and block-shuffled with length buckets;
           padded fp32 batches on CPU (with a GPU also: shuffled batches delivered on it, decoded
           there or decoded on the host and copied from pinned memory)
+  tiny    the Loader's fixed cost per batch: ms per batch of 32 on a store with hidden size 32
+          (a 2-layer random BERT over 20k short documents, built once into --tiny-store), so
+          bytes do not matter: sequential and shuffled
+  gil     contention with the training loop: one shuffled epoch under a consumer that burns
+          1 or 2 ms per batch holding the GIL (a pure-Python loop) and under one that burns as
+          long without it (a 1-thread torch matmul); Loader throughput under the first / under
+          the second (target >= 0.95), in a child process
   wait    a consumer computing ~5 ms per batch (matmuls): mean time next() takes, and the part
           of it blocked on a batch not yet ready. Three child processes: torch's defaults; with
           OMP_WAIT_POLICY=PASSIVE (idle OpenMP workers sleep instead of spinning); on 1 torch
@@ -109,6 +116,86 @@ def consume_in_child(args: argparse.Namespace, env: dict[str, str], threads: int
     return json.loads(out.strip().splitlines()[-1])
 
 
+def build_tiny(path: str) -> None:
+    """A store where bytes do not matter: a 2-layer, hidden-32 random BERT (layer 1) over 20k
+    short documents (3-12 words drawn from the default corpus, seeded)."""
+    from bench_consumers import base_model
+
+    from erstore.corpus import default_corpus
+
+    folder = Path(path).parent
+    model = base_model(folder / "tiny-h32-model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)
+    words = " ".join(p.text for p in default_corpus(100_000)).split()
+    rng = np.random.default_rng(0)
+    corpus = folder / "tiny-corpus.jsonl"
+    with corpus.open("w") as f:
+        for i in range(20_000):
+            n = int(rng.integers(3, 13))
+            at = int(rng.integers(0, len(words) - n))
+            f.write(json.dumps({"id": str(i), "text": " ".join(words[at : at + n])}) + "\n")
+    erstore.build(model=model, layers=(1,), corpus=str(corpus), store=path, progress=False)
+
+
+def epoch_s(store: str, *, batch_size: int, prefetch: int, per_batch: Any = None, **options: Any) -> tuple[float, int]:
+    """Seconds of one epoch (a cold cache pool; file bytes in page cache), and its batch count."""
+    with erstore.open(store).loader(batch_size=batch_size, seed=0, prefetch=prefetch, **options) as loader:
+        n = 0
+        t = time.perf_counter()
+        for _ in loader:
+            n += 1
+            if per_batch is not None:
+                per_batch()
+        return time.perf_counter() - t, n
+
+
+def burners(ms: float) -> tuple[Any, Any]:
+    """Two consumers of about `ms` per batch alone: a pure-Python loop (holds the GIL) and a
+    1-thread torch matmul loop (releases it inside each matmul)."""
+    import torch
+
+    def spin(k: int) -> int:
+        x = 0
+        for i in range(k):
+            x += i
+        return x
+
+    one = timed(lambda: spin(20_000), repeat=5) / 20_000
+    k = max(1, int(ms / 1e3 / one))
+    a, b = torch.randn(96, 96), torch.randn(96, 96)
+    per = timed(lambda: [a @ b for _ in range(100)], repeat=5) / 100
+    reps = max(1, round(ms / 1e3 / per))
+
+    def matmuls() -> None:
+        for _ in range(reps):
+            a @ b
+
+    return (lambda: spin(k)), matmuls
+
+
+def gil(store: str, batch_size: int, prefetch: int) -> dict:
+    """Loader throughput under a GIL-holding consumer vs a GIL-releasing one (see module docstring)."""
+    import torch
+
+    torch.set_num_threads(1)
+    options = {"batch_size": batch_size, "prefetch": prefetch, "shuffle": True}
+    epoch_s(store, **options)
+    alone, n = min(epoch_s(store, **options) for _ in range(3))
+    out: dict = {"loader_alone_ms_per_batch": round(alone / n * 1e3, 3)}
+    for ms in (1.0, 2.0):
+        python, matmul = burners(ms)
+        burn_py, burn_mm = timed(python, repeat=20) * 1e3, timed(matmul, repeat=20) * 1e3
+        py, mm = [], []
+        for _ in range(5):  # interleaved pairs: on a shared machine both see the same neighbours
+            py.append(epoch_s(store, per_batch=python, **options)[0])
+            mm.append(epoch_s(store, per_batch=matmul, **options)[0])
+        out[f"burn_{ms:g}ms"] = {"python_burn_ms": round(burn_py, 3), "matmul_burn_ms": round(burn_mm, 3),
+                                 "python_epoch_s": round(min(py), 4), "matmul_epoch_s": round(min(mm), 4),
+                                 "gil_over_nogil_throughput": round(min(mm) / min(py), 3),
+                                 "median_pair_ratio": round(float(np.median(np.array(mm) / np.array(py))), 3)}
+    return out
+
+
 def baselines(path: str) -> dict:
     """numpy and zstd timings on the store's bytes, decoded once. Returns only sizes and times: the
     ~0.6 GB of arrays behind them is freed before the Loader is timed (held, it slowed the loader
@@ -140,10 +227,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--compute-ms", type=float, default=5.0)
+    ap.add_argument("--tiny-store", default=str(Path(tempfile.gettempdir()) / "erstore-bench-tiny-h32" / "store"))
     ap.add_argument("--consumer-only", action="store_true", help="only the consumer measurement, as JSON")
+    ap.add_argument("--gil-only", action="store_true", help="only the GIL contention measurement, as JSON")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the consumer (0: default)")
     ap.add_argument("--device", default="cpu", help="where the consumer-only measurement computes")
     args = ap.parse_args()
+    if args.gil_only:
+        print(json.dumps(gil(args.store, args.batch_size, args.prefetch)))
+        return
     if args.consumer_only:
         print(json.dumps(consume(args.store, args.batch_size, args.prefetch, args.compute_ms, args.threads,
                                  args.device)))
@@ -183,6 +275,17 @@ def main() -> None:
         t_cuda = min(run_loader(True, device="cuda") for _ in range(3))
         t_pinned = min(run_loader(True, device="cuda", decode_on_device=False) for _ in range(3))
 
+    if not (Path(args.tiny_store) / "erstore.json").exists():
+        print(f"building {args.tiny_store} (2-layer hidden-32 random BERT, 20k short documents) ...")
+        build_tiny(args.tiny_store)
+    tiny = {"batch_size": args.batch_size, "prefetch": args.prefetch}
+    epoch_s(args.tiny_store, **tiny)
+    t_tiny_seq, n_tiny = min(epoch_s(args.tiny_store, **tiny) for _ in range(3))
+    t_tiny_shuf, _ = min(epoch_s(args.tiny_store, shuffle=True, **tiny) for _ in range(3))
+    gil_cmd = [sys.executable, __file__, "--gil-only", "--store", args.store, "--batch-size", str(args.batch_size),
+               "--prefetch", str(args.prefetch)]
+    contention = json.loads(subprocess.run(gil_cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
     consumers = {"consumer": consume_in_child(args, {}),
                  "consumer_omp_passive": consume_in_child(args, {"OMP_WAIT_POLICY": "PASSIVE"}),
                  "consumer_one_thread": consume_in_child(args, {}, threads=1)}
@@ -200,6 +303,10 @@ def main() -> None:
         "bucketed_over_zstd": round(t_zstd / t_bucket, 3),
         "shuffled_over_zstd": round(t_zstd / t_shuf, 3), "sequential_over_zstd": round(t_zstd / t_seq, 3),
         **{f"{name}_{k}": v for name, c in consumers.items() for k, v in c.items()},
+        "tiny_store": args.tiny_store, "tiny_sequences": len(erstore.open(args.tiny_store)),
+        "tiny_sequential_ms_per_batch": round(t_tiny_seq / n_tiny * 1e3, 4),
+        "tiny_shuffled_ms_per_batch": round(t_tiny_shuf / n_tiny * 1e3, 4),
+        "gil": contention, "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if cuda:
         results.update(loader_cuda_shuffled_gbs=round(gbs(t_cuda), 3), cuda_shuffled_over_zstd=round(t_zstd / t_cuda, 3),
@@ -215,6 +322,16 @@ def main() -> None:
         print(f"{'loader shuffled -> cuda':<28}{results['loader_cuda_shuffled_gbs']:>8.3f}")
         print(f"{'  (host decode, pinned)':<28}{results['loader_cuda_pinned_shuffled_gbs']:>8.3f}")
     print(f"shuffled / zstd bound: {results['shuffled_over_zstd']:.2f} (target >= 0.7)")
+    print(f"tiny store (d=32, {results['tiny_sequences']} sequences), ms per batch: sequential "
+          f"{results['tiny_sequential_ms_per_batch']:.3f}, shuffled {results['tiny_shuffled_ms_per_batch']:.3f} "
+          "(target <= 0.25)")
+    print(f"loader alone, shuffled: {contention['loader_alone_ms_per_batch']:.2f} ms/batch")
+    for ms in ("1", "2"):
+        c = contention[f"burn_{ms}ms"]
+        print(f"consumer burning ~{ms} ms/batch (python {c['python_burn_ms']:.2f} ms, matmul {c['matmul_burn_ms']:.2f} ms "
+              f"alone): throughput holding the GIL / releasing it = {c['gil_over_nogil_throughput']:.3f} "
+              f"(best of 5 each; median of pairs {c['median_pair_ratio']:.3f}; target >= 0.95)")
+    print(f"load average {results['load_average']}")
     labels = {"consumer": "consumer", "consumer_omp_passive": "consumer, OMP_WAIT_POLICY=PASSIVE",
               "consumer_one_thread": "consumer on 1 torch thread", "consumer_gpu": "consumer on the GPU"}
     for name, c in consumers.items():

@@ -79,10 +79,19 @@ class RawEntry:
 class PendingRead:
     """Reads issued by `Store.start_read`; `result()` waits for them and decodes, once."""
 
-    def __init__(self, store: Store, spans: list[list], futures: list[Any], keys: list[str],
+    def __init__(self, store: Store, spans: list[list], futures: list[Any], keys: list[str] | np.ndarray,
                  starts: list[int], stops: list[int], boundaries: list[int]):
         self._store, self._spans, self._futures = store, spans, futures
-        self._keys, self._starts, self._stops, self._boundaries = keys, starts, stops, boundaries
+        self._given_keys, self._starts, self._stops, self._boundaries = keys, starts, stops, boundaries
+
+    @property
+    def _keys(self) -> list[str]:
+        """Keys of the positions read; given, or made from their index records on first use (the
+        Loader never asks, so a read group's keys are not formatted once per read)."""
+        if isinstance(self._given_keys, np.ndarray):
+            recs = self._given_keys
+            self._given_keys = [join_key(hi, lo) for hi, lo in zip(recs["hi"].tolist(), recs["lo"].tolist())]
+        return self._given_keys
 
     def result(self) -> list[Entry]:
         out: list[Entry] = [None] * len(self._keys)  # type: ignore[list-item]
@@ -101,6 +110,13 @@ class PendingRead:
                 out[i] = RawEntry(self._keys[i], {n: p[a:b] for n, p in parts.items()}, t_rows[a:b],
                                   self._boundaries[i], params)
         return out
+
+    def spans(self) -> Iterator[tuple[int, int, list[int], dict[str, np.ndarray], np.ndarray]]:
+        """Per merged span, once its reads finish: (build slot, first stored row, indices of the
+        positions asked that lie in it, stored parts and token ids of its rows). Readers that lay
+        out batches themselves (erstore.torchdata) take the rows from here."""
+        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
+            yield slot, start, members, {name: f.result() for name, f in fs.items()}, ft.result()
 
     def _fetched(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[int, int, int]]]]:
         """Per span: its build slot, stored parts, token ids, and (member, first, end) rows in it."""
@@ -339,21 +355,29 @@ class Store:
         batch while the next is being read (what `erstore.torchdata.Loader` does).
         """
         recs = self.index.records[np.asarray(positions, dtype=np.int64)]
-        if keys is None:
-            keys = [join_key(hi, lo) for hi, lo in zip(recs["hi"].tolist(), recs["lo"].tolist())]
-        slots = recs["array"].tolist()
+        slots = recs["array"].astype(np.int64)
         starts = recs["row"].astype(np.int64)
-        stops = (starts + recs["length"].astype(np.int64)).tolist()
-        starts = starts.tolist()
+        stops = starts + recs["length"].astype(np.int64)
         gap = max(1, self.codec.rows_per_chunk(self.recipe.hidden_size) // 4)
         spans: list[list] = []  # [slot, start, stop, member indices]
-        for i in sorted(range(len(recs)), key=lambda j: (slots[j], starts[j])):
-            last = spans[-1] if spans else None
-            if last is not None and last[0] == slots[i] and starts[i] <= last[2] + gap:
-                last[2] = max(last[2], stops[i])
-                last[3].append(i)
-            else:
-                spans.append([slots[i], starts[i], stops[i], [i]])
+        if len(recs):
+            # Sorted by (slot, start), a span ends where the next start lies more than `gap` past
+            # the furthest stop so far. Vectorised: slot * width keeps the running maximum of
+            # stops from crossing into the next slot.
+            order = np.lexsort((starts, slots))
+            width = int(stops.max()) + gap + 1
+            s_slot, s_start = slots[order], starts[order]
+            reach = np.maximum.accumulate(stops[order] + s_slot * width)
+            new = np.r_[True, (s_slot[1:] != s_slot[:-1]) | (s_start[1:] + s_slot[1:] * width > reach[:-1] + gap)]
+            first = np.flatnonzero(new)
+            last = np.r_[first[1:], len(order)] - 1
+            span_stop = reach[last] - s_slot[last] * width
+            for a, b, slot, start, stop in zip(first.tolist(), (last + 1).tolist(), s_slot[first].tolist(),
+                                               s_start[first].tolist(), span_stop.tolist()):
+                spans.append([slot, start, stop, order[a:b].tolist()])
+        starts, stops = starts.tolist(), stops.tolist()
+        if keys is None:
+            keys = recs  # formatted on first use (PendingRead._keys)
         with ts.Batch() as batch:
             futures = [self._array(slot).read(start, stop, batch) for slot, start, stop, _ in spans]
         return PendingRead(self, spans, futures, keys, starts, stops, recs["boundary"].tolist())

@@ -8,7 +8,7 @@ exactly the numpy result (tested), except that `int4`'s Hadamard rotation is a m
 whose summation order is the BLAS library's (float32 rounding, ~1e-7 relative).
 (`entropy:pca=1`'s rotation is exact integer arithmetic in float64, hence equal everywhere.)
 
-Only `erstore.torchdata` imports this module. Not here: encoding (builds encode with numpy).
+Only `erstore.torchdata` (assemble.py) imports this module. Not here: encoding (builds encode with numpy).
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _param(params: Mapping[str, Any], name: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor(np.asarray(params[name], np.float32), device=device)
+    """A build's float32 parameter vector on `device`, copied there once per build and device: a
+    copy per batch from pageable memory would make the loader's stream wait for it each time."""
+    return _param_on(np.asarray(params[name], np.float32).tobytes(), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_on(data: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).to(device)
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,7 +72,7 @@ def _int4(codec: Int4Codec, parts: Mapping[str, torch.Tensor], params: Mapping[s
     x = (codes.to(torch.float32) - 7.5).reshape(n, scale.shape[1], codec.group)
     x *= scale[..., None]
     if codec.rotate:
-        x = x @ torch.from_numpy(_hadamard(codec.group)).to(x.device)
+        x = x @ _hadamard_on(codec.group, x.device)
     return x.reshape(n, -1) * _param(params, "channel_scale", x.device)
 
 
@@ -76,6 +83,11 @@ def _entropy(codec: EntropyCodec, parts: Mapping[str, torch.Tensor], params: Map
     exact = codes.to(torch.float64) @ _rotation_t(params["rotation"], codes.shape[1], device)
     scaled = exact * (parts["scales"].to(torch.float64) / ROTATION_ONE)
     return scaled.to(torch.float32) + _param(params, "mean", device)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(group: int, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(_hadamard(group)).to(device)
 
 
 @functools.lru_cache(maxsize=16)

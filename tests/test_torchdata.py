@@ -291,3 +291,56 @@ def test_fork_safe_reader_matches_tensorstore_for_every_codec(tiny_bert, tmp_pat
         assert a.key == b.key and a.boundary == b.boundary
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_array_equal(a.states, b.states)
+
+
+@pytest.fixture(scope="module")
+def codec_stores(tiny_bert, tmp_path_factory):
+    """One small store per codec, each built in two builds (so batches mix codec parameters)."""
+    import json
+
+    root = tmp_path_factory.mktemp("codec-stores")
+    stores = {}
+    for codec in ["float16", "shuffle", "int8", "int4:group=16", "entropy:pca=1"]:
+        path = root / codec.replace(":", "-").replace("=", "")
+        for build in range(2):
+            rows = [{"text": f"Build {build} sentence {i} is about {w} and {w * (i % 3 + 1)}."}
+                    for i, w in enumerate("abcdefghijklmnop")]
+            corpus = root / f"c{build}.jsonl"
+            corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            erstore.build(model=str(tiny_bert), layers=(2,), corpus=str(corpus), store=str(path),
+                          dtype="bfloat16" if codec == "shuffle" else "float16", codec="lossless" if codec == "float16" else codec,
+                          progress=False, max_length=64)
+        stores[codec] = path
+    return stores
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-layout", "device-layout-on-cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("codec", ["float16", "shuffle", "int8", "int4:group=16", "entropy:pca=1"])
+def test_loader_batches_equal_collate_of_items(codec_stores, codec, dtype, on_device):
+    # The Loader lays batches out with vectorised gathers; Collate pads items one by one. Same
+    # bits for every codec but int4's rotation (a BLAS product over differently grouped rows).
+    store = erstore.open(codec_stores[codec])
+    keys = list(store)
+    assert len(store.index.arrays) == 2
+    lengths = {k: len(store.get(k)) for k in keys}
+    labels = {k: {"labels": i % 3, "tags": np.arange(lengths[k]) % 5, "pair": [i, -i], "name": k[:4]}
+              for i, k in enumerate(keys)}
+    options = dict(labels=labels, batch_size=5, shuffle=True, seed=3, block_rows=16, buffer_blocks=2, dtype=dtype)
+    loader = store.loader(**options, prefetch=2, decode_on_device=on_device)
+    ds = store.dataset(labels=labels, dtype=dtype)
+    batches = loader.plan.epoch_batches(0)
+    got = list(loader)
+    assert len(got) == len(batches) > 3
+    collate = Collate(dtype=dtype)
+    for batch, idx in zip(got, batches):
+        want = collate(ds.__getitems__(idx.tolist()))
+        assert batch.keys() == want.keys() and batch["keys"] == want["keys"] and batch["name"] == want["name"]
+        for name in ("attention_mask", "input_ids", "boundaries", "labels", "tags", "pair"):
+            assert batch[name].dtype == want[name].dtype and torch.equal(batch[name], want[name]), name
+        assert batch["hidden_states"].dtype == dtype and batch["hidden_states"].is_contiguous()
+        if codec.startswith("int4"):
+            torch.testing.assert_close(batch["hidden_states"], want["hidden_states"], rtol=1e-2, atol=1e-2)
+        else:
+            assert torch.equal(batch["hidden_states"], want["hidden_states"])
+        assert (batch["tags"][batch["attention_mask"] == 0] == -100).all()

@@ -1,0 +1,202 @@
+"""`Loader`: padded batches of a `StoreDataset`, prepared by a background thread while the consumer computes.
+
+The consumer side: the epoch iterator takes finished runs of batches from the producer's queue
+(producer.py) and hands them out one batch at a time; on CUDA it makes the consumer's stream
+wait for the run's side-stream work and marks the run's tensors as used there. Order comes from
+`erstore.shuffle.BatchPlan` (seeded, resumable, block-aware, sharded across ranks).
+Not here: reading and layout (producer.py, assemble.py), items (dataset.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from erstore.errors import ErstoreError, InvalidInputError
+from erstore.shuffle import BatchPlan
+from erstore.torchdata.collate import Collate
+from erstore.torchdata.dataset import StoreDataset
+from erstore.torchdata.producer import END, Failure, Prepared, Producer
+
+
+class Loader:
+    """Batches of a `StoreDataset`, prepared by a background thread while the consumer computes.
+
+    Iterating yields the rest of the current epoch (from `step`), then moves to the next epoch.
+    `state_dict()` / `load_state_dict()` save and restore (epoch, step) for exact resumption.
+    The epoch iterator's `waited` counts the seconds `next()` spent blocked on a batch that was
+    not ready yet (0 when the loader keeps ahead of the consumer).
+
+    Args:
+        dataset: a `StoreDataset` (or a `Store`, wrapped in one).
+        batch_size, shuffle, seed, drop_last, bucket_by_length, block_rows, buffer_blocks:
+            see `erstore.shuffle.BatchPlan`.
+        rank, world_size: this process's share (default: from torch.distributed if initialised).
+        prefetch: batches prepared together and ahead: the thread lays out runs of up to
+            `max(prefetch, 4)` consecutive batches at once (at most 32 MB of float32 each) and
+            keeps one finished run queued while it prepares the next. Storage reads run a further
+            read group (about one shuffle window of stored rows) ahead.
+        device: where batches go (default CPU). On CUDA: pinned staging, copies with non_blocking
+            on a side stream; batches arrive as device tensors.
+        collate: its `pad_token_id`, `label_pad` and `dtype` are used (default `Collate(dtype=
+            dataset.dtype)`).
+        reuse_buffers: accepted for compatibility; no effect (batches are views of buffers
+            allocated per run, freed when the batches are).
+        decode_on_device: copy the stored codes (int8 / 4-bit codes, float16 values...) to
+            `device` and decode them there with torch (`erstore.torchcodecs`), instead of decoding
+            with numpy on the host and copying float32 states. Default: on for CUDA devices.
+
+    Batches of one run are views of shared buffers: a batch you keep keeps its run's buffers alive.
+
+    Example:
+        with store.loader(batch_size=32, shuffle=True, seed=1) as loader:
+            for batch in loader:
+                out = tail(batch["hidden_states"], batch["attention_mask"])
+    """
+
+    def __init__(self, dataset: StoreDataset | Any, *, batch_size: int = 32, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, bucket_by_length: bool = False,
+                 block_rows: int | None = None, buffer_blocks: int = 16, rank: int | None = None,
+                 world_size: int | None = None, prefetch: int = 2, device: str | torch.device | None = None,
+                 collate: Collate | None = None, reuse_buffers: bool = False,
+                 decode_on_device: bool | None = None):
+        if prefetch < 1:
+            raise InvalidInputError(f"prefetch must be at least 1, got {prefetch}")
+        self.dataset = dataset if isinstance(dataset, StoreDataset) else StoreDataset(dataset)
+        if world_size is None or rank is None:
+            dist_rank, dist_world = _distributed()
+            rank = dist_rank if rank is None else rank
+            world_size = dist_world if world_size is None else world_size
+        ds = self.dataset
+        self.plan = BatchPlan(ds._array, ds._row, ds.lengths, batch_size=batch_size, shuffle=shuffle,
+                              seed=seed, block_rows=block_rows or ds.block_rows,
+                              buffer_blocks=buffer_blocks, bucket_by_length=bucket_by_length,
+                              rank=rank, world_size=world_size, drop_last=drop_last)
+        self.batch_size, self.prefetch = batch_size, prefetch
+        self.run_batches = max(prefetch, 4)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.pin = self.device.type != "cpu" and torch.accelerator.is_available()
+        self.collate = collate or Collate(dtype=ds.dtype)
+        self.reuse_buffers = reuse_buffers
+        self.decode_on_device = self.device.type == "cuda" if decode_on_device is None else decode_on_device
+        self.epoch, self.step = 0, 0
+        self._running: weakref.WeakSet[_Epoch] = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self.plan)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.plan.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if "seed" in state and state["seed"] != self.plan.seed:
+            raise InvalidInputError(f"state was saved with seed {state['seed']}, this loader has "
+                                    f"seed {self.plan.seed}; create the loader with the same seed")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.step >= len(self):
+            self.epoch, self.step = self.epoch + 1, 0
+        epoch = _Epoch(self)
+        self._running.add(epoch)
+        return epoch
+
+    def close(self) -> None:
+        """Stop every running prefetch thread (also happens when iterators are garbage collected)."""
+        for epoch in list(self._running):
+            epoch.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shutdown(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+class _Epoch:
+    """Iterator over one epoch's remaining batches; owns the prefetch thread."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+        self.epoch, self.start = loader.epoch, loader.step
+        batches = loader.plan.epoch_batches(self.epoch)[self.start:]
+        self.producer = Producer(loader, batches)
+        # One finished run waits here while the thread prepares the next one.
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.producer, args=(self.queue, self.stop),
+                                       name="erstore-prefetch", daemon=True)
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
+        self._finalizer = weakref.finalize(self, _shutdown, self.stop, self.thread)
+        self.thread.start()
+        self.waited = 0.0  # seconds next() spent blocked on a batch not ready yet
+
+    def __iter__(self) -> _Epoch:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.stop.is_set():
+            raise StopIteration
+        if not self._ready:
+            self._take()
+        self.loader.step += 1
+        return self._ready.popleft()
+
+    def _take(self) -> None:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                item = self.queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    self.close()
+                    raise ErstoreError("the erstore prefetch thread died without a result") from None
+        self.waited += time.perf_counter() - t0
+        if item is END:
+            self.close()
+            if self.loader.epoch == self.epoch:
+                self.loader.epoch, self.loader.step = self.epoch + 1, 0
+            raise StopIteration
+        if isinstance(item, Failure):
+            self.close()
+            error = item.error
+            if hasattr(error, "add_note"):
+                error.add_note("(raised in erstore's prefetch thread while preparing a batch)")
+            raise error
+        assert isinstance(item, Prepared)
+        if item.event is not None:  # make the consumer's stream wait for the side-stream work
+            current = torch.cuda.current_stream(self.loader.device)
+            current.wait_event(item.event)
+            for t in item.bases:
+                t.record_stream(current)
+        self._ready.extend(item.batches)
+
+    def close(self) -> None:
+        """Stop and join the prefetch thread (idempotent)."""
+        self._finalizer()
