@@ -168,7 +168,11 @@ def test_causal_lm_fine_tuning_on_stored_states_lowers_the_loss(dzoo, family):
     store = dzoo.store(family)
     model = ReducedModel.for_store(store, task="causal-lm")
     keys = sorted(store)
-    losses = train(model, loader(store, keys, batch_size=4, shuffle=True), epochs=6, lr=3e-3)
+    if family == "llama":  # erstore's prefetching Loader (its batches carry input_ids)
+        with store.loader(keys, batch_size=4, shuffle=True, seed=0) as batches:
+            losses = train(model, batches, epochs=6, lr=3e-3)
+    else:  # consumers.data's DataLoader
+        losses = train(model, loader(store, keys, batch_size=4, shuffle=True), epochs=6, lr=3e-3)
     assert len(losses) == 6 * -(-len(keys) // 4)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
@@ -225,3 +229,24 @@ def test_transformers_trainer_fine_tunes_a_decoder_tail_as_a_causal_lm(dzoo, tmp
     trainer = Trainer(model=model, args=args, train_dataset=StoreDataset(store, sorted(store)),
                       data_collator=PadCollate())
     assert np.isfinite(trainer.train().training_loss)
+
+
+def test_predict_on_new_text_computes_the_miss_like_a_hit(dzoo):
+    from tests.conftest import SENTENCES
+
+    store = dzoo.store("mistral")
+    model = ReducedModel.for_store(store, task="sequence", num_labels=2)
+    hit = model.predict([SENTENCES[0]], store=store)[0]
+    entry = store.read([store.key_for(SENTENCES[0])])[0]
+    with torch.no_grad():
+        np.testing.assert_array_equal(hit, model(torch.from_numpy(entry.states)[None]).logits[0].numpy())
+    new = "A decoder sentence that was never stored."
+    assert store.key_for(new) not in store
+    miss = model.predict([new], store=store)[0]
+    ids = torch.tensor([store.tokenize(new)[0][0]])
+    from transformers import AutoModelForSequenceClassification
+
+    ref = AutoModelForSequenceClassification.from_pretrained(dzoo.model("mistral"), num_labels=2).eval()
+    ref.score.load_state_dict(model.head.score.state_dict())
+    with torch.no_grad():
+        np.testing.assert_allclose(miss, ref(input_ids=ids).logits[0].numpy(), rtol=0, atol=1e-6)
