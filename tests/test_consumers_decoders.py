@@ -250,3 +250,34 @@ def test_predict_on_new_text_computes_the_miss_like_a_hit(dzoo):
     ref.score.load_state_dict(model.head.score.state_dict())
     with torch.no_grad():
         np.testing.assert_allclose(miss, ref(input_ids=ids).logits[0].numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "gemma3"])
+def test_sliding_window_masks_matter_and_are_used(dzoo, family):
+    from tests.decoder_fixtures import WINDOW
+
+    store = dzoo.store(family)
+    tail = load_tail(store)
+    kept = [tail.types[i] for i in range(2, 4)]
+    assert "sliding_attention" in kept, kept
+    e = max(all_entries(store), key=lambda e: len(e.token_ids))
+    assert len(e.token_ids) > 2 * WINDOW
+    h = torch.from_numpy(e.states)[None]
+    with torch.no_grad():
+        right = tail(h)
+        tail.types = ["full_attention"] * 4  # what a tail without sliding windows would compute
+        wrong = tail(h)
+    assert not torch.allclose(right, wrong, atol=1e-4)
+
+
+def test_recipe_checks_refuse_other_decoder_weights(dzoo, tmp_path):
+    from consumers.lm import load_lm_head
+    from erstore.errors import IncompatibleStoreError
+    from tests.decoder_fixtures import save_tiny_decoder
+
+    store = dzoo.store("llama")
+    other = save_tiny_decoder(tmp_path / "other", "llama", seed=1)
+    with pytest.raises(IncompatibleStoreError, match="model_fingerprint"):
+        load_tail(store, model=str(other))
+    with pytest.raises(IncompatibleStoreError, match="LM head does not belong"):
+        load_lm_head(store.recipe, model=str(other))
