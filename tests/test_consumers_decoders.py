@@ -281,3 +281,21 @@ def test_recipe_checks_refuse_other_decoder_weights(dzoo, tmp_path):
         load_tail(store, model=str(other))
     with pytest.raises(IncompatibleStoreError, match="LM head does not belong"):
         load_lm_head(store.recipe, model=str(other))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_positions_come_from_the_mask_so_left_padding_gives_the_same_states(dzoo, family):
+    store = dzoo.store(family)
+    tail = load_tail(store)
+    entries = all_entries(store)[:5]
+    n, d = max(len(e.states) for e in entries), entries[0].states.shape[1]
+    left = torch.zeros(len(entries), n, d)
+    mask = torch.zeros(len(entries), n, dtype=torch.long)
+    for row, e in enumerate(entries):
+        left[row, n - len(e.states):] = torch.from_numpy(e.states)
+        mask[row, n - len(e.states):] = 1
+    with torch.no_grad():
+        got = tail(left, mask)
+        for row, e in enumerate(entries):
+            alone = tail(torch.from_numpy(e.states)[None])[0]
+            assert (got[row, n - len(e.states):] - alone).abs().max().item() < 1e-5
