@@ -15,8 +15,8 @@ Positions: a stored sequence is run from position 0 (see docs/decoders.md), so a
 position is its index among the real tokens of its row: `cumsum(attention_mask) - 1`. That is
 arange(L) for right padding and also right for left padding. Callers may pass position_ids.
 
-Not here: the LM head and task heads (consumers.heads), GPT-2 (consumers.models.gpt2: learned
-positions, Conv1D projections).
+Not here: the LM head (consumers.lm), task heads (consumers.heads), GPT-2
+(consumers.models.gpt2: learned positions, Conv1D projections).
 """
 
 from __future__ import annotations
