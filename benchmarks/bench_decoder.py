@@ -20,9 +20,10 @@ Training, ms per step (AdamW):
   R-cls      ReducedModel(task="sequence") on the store (same head)
 Each speedup is also given as a fraction of N/(N-k), which ignores the LM head (it runs in
 both), and for the causal-LM rows of a bound that counts it (matmul parameters per token);
-recycled_compute_only_ms is the tail + LM head on batches already in memory. Times are the best of --batches timed batches after one warm-up (see
-benchmarks/bench_consumers.py for why), with 1 torch thread by default. Appends one JSON line
-to benchmarks/results.jsonl.
+recycled_compute_only_ms is the tail + LM head on batches already in memory. The settings run
+interleaved (one batch of each in turn) so they share the machine's load; times are the best of
+--batches timed batches after one warm-up, with 1 torch thread by default. Appends one JSON
+line to benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -40,12 +41,28 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_consumers import corpus, per_batch, step_times  # noqa: E402
-from common import machine, record  # noqa: E402
+from bench_consumers import corpus  # noqa: E402
+from common import record  # noqa: E402
 
 import erstore  # noqa: E402
 
 VOCAB = 4096
+
+
+def interleaved(fns: dict, n: int, warmup: int = 1) -> dict[str, float]:
+    """Best ms of each fn(i), the fns called in turn for i = 0..warmup+n-1 (first `warmup` untimed).
+
+    Interleaving puts every side under the same load from other processes; the minimum is what
+    timeit reports, since interference only adds time.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + n):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: round(min(ts), 1) for name, ts in times.items()}
 
 
 def decoder_model(folder: Path, *, layers: int, hidden: int) -> str:
@@ -133,50 +150,51 @@ def main() -> None:
     out["bound_with_lm_head"] = round(bound, 3)
     states = [torch.from_numpy(np.stack([e.states for e in entries[i * B : (i + 1) * B]]).astype(np.float32))
               for i in range(nb + 1)]
-    with torch.inference_mode():
-        full_ms = per_batch(lambda i: full(input_ids=ids[i], attention_mask=mask).logits, nb)
-        compute_ms = per_batch(lambda i: reduced(states[i], mask).logits, nb)
-        with store.loader(keys, batch_size=B, prefetch=2) as batches:
-            stamps = []
-            for batch in batches:
-                stamps.append(time.perf_counter())
-                reduced(batch["hidden_states"], batch["attention_mask"])
-            stamps.append(time.perf_counter())
-        rec_ms = min(step_times(stamps)[1:])
-    out["inference"] = {"full_ms": round(full_ms, 1), "recycled_ms": round(rec_ms, 1),
-                        "speedup": round(full_ms / rec_ms, 3), "of_theory": round(full_ms / rec_ms / theory, 3),
-                        "of_bound_with_lm_head": round(full_ms / rec_ms / bound, 3),
-                        "recycled_compute_only_ms": round(compute_ms, 1)}
+    with torch.inference_mode(), store.loader(keys, batch_size=B, prefetch=2) as batches:
+        it = iter(batches)
+
+        def recycled(i, reduced=reduced):
+            batch = next(it)
+            return reduced(batch["hidden_states"], batch["attention_mask"]).logits
+
+        ms = interleaved({"full": lambda i, full=full: full(input_ids=ids[i], attention_mask=mask).logits,
+                          "recycled": recycled,
+                          "compute_only": lambda i, reduced=reduced: reduced(states[i], mask).logits}, nb)
+    out["inference"] = {"full_ms": ms["full"], "recycled_ms": ms["recycled"],
+                        "recycled_compute_only_ms": ms["compute_only"],
+                        "speedup": round(ms["full"] / ms["recycled"], 3),
+                        "of_theory": round(ms["full"] / ms["recycled"] / theory, 3),
+                        "of_bound_with_lm_head": round(ms["full"] / ms["recycled"] / bound, 3)}
     print("inference:", json.dumps(out["inference"]))
     del full, reduced
 
     # -- training -------------------------------------------------------------------------------
-    training: dict = {}
+    torch.manual_seed(0)
+    nets = {"NR-lm": AutoModelForCausalLM.from_pretrained(model).train(),
+            "NR-cls": AutoModelForSequenceClassification.from_pretrained(model, num_labels=4).train(),
+            "R-lm": ReducedModel.for_store(store, task="causal-lm").train(),
+            "R-cls": ReducedModel.for_store(store, task="sequence", num_labels=4).train()}
+    opts = {name: make_optimizer(net, lr=2e-5) for name, net in nets.items()}
+    with store.loader(keys, batch_size=B, prefetch=2) as lm_feed, \
+            store.loader(keys, labels=labels, batch_size=B, prefetch=2) as cls_feed:
+        feeds = {"R-lm": iter(lm_feed), "R-cls": iter(cls_feed)}
+
+        def full_step(name):
+            def run(i):
+                target = ids[i] if name == "NR-lm" else label_batches[i]
+                return step(nets[name], opts[name], {"input_ids": ids[i], "attention_mask": mask, "labels": target})
+            return run
+
+        def recycled_step(name):
+            return lambda i: step(nets[name], opts[name], next(feeds[name]))
+
+        ms = interleaved({"NR-lm": full_step("NR-lm"), "R-lm": recycled_step("R-lm"),
+                          "NR-cls": full_step("NR-cls"), "R-cls": recycled_step("R-cls")}, nb)
+    training: dict = {f"{name}_ms": value for name, value in ms.items()}
     for task in ("lm", "cls"):
-        torch.manual_seed(0)
-        if task == "lm":
-            net = AutoModelForCausalLM.from_pretrained(model).train()
-        else:
-            net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=4).train()
-        opt = make_optimizer(net, lr=2e-5)
-
-        def full_step(i, net=net, opt=opt, task=task):
-            labels_i = ids[i] if task == "lm" else label_batches[i]
-            return step(net, opt, {"input_ids": ids[i], "attention_mask": mask, "labels": labels_i})
-
-        training[f"NR-{task}_ms"] = round(per_batch(full_step, nb), 1)
-        del net, opt
-        reduced = ReducedModel.for_store(store, task="causal-lm" if task == "lm" else "sequence",
-                                         num_labels=4).train()
-        opt = make_optimizer(reduced, lr=2e-5)
-        with store.loader(keys, labels=labels if task == "cls" else None, batch_size=B, prefetch=2) as batches:
-            it = iter(batches)
-            training[f"R-{task}_ms"] = round(per_batch(lambda i: step(reduced, opt, next(it)), nb), 1)
-        sp = training[f"NR-{task}_ms"] / training[f"R-{task}_ms"]
+        sp = ms[f"NR-{task}"] / ms[f"R-{task}"]
         training[f"R-{task}_speedup"], training[f"R-{task}_of_theory"] = round(sp, 3), round(sp / theory, 3)
-        if task == "lm":
-            training["R-lm_of_bound_with_lm_head"] = round(sp / bound, 3)
-        del reduced, opt
+    training["R-lm_of_bound_with_lm_head"] = round(ms["NR-lm"] / ms["R-lm"] / bound, 3)
     out["training"] = training
     print("training:", json.dumps(training))
     out["seconds"] = round(time.perf_counter() - t0, 1)
