@@ -7,11 +7,13 @@
     consumers.train(model, store, keys, labels, epochs=3)
     model.predict(["new text"], store=store)
 
-Modules: `tail` (load_tail, the Tail base), one module per model family (registered in
-`registry`), `heads`, `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
+Modules: `base` (the Tail base class), `tail` (load_tail), `models/` (one module per model
+family, encoders and decoders), `registry` (model_type -> family; `register_family` and the
+`erstore.families` entry points add families from user code), `heads`, `lm` (decoders' LM
+head and causal-LM loss), `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
 load, predict), `train`, `recycle` (save-and-recycle training: compute in epoch 1, read after),
 `cross` (cross-model recycling: a larger model's stored states feed a smaller model),
-`t5` (also the seq2seq reduced model). `erstore` never imports this package.
+`models.t5` (also the seq2seq reduced model). `erstore` never imports this package.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from consumers.heads import (
 )
 from consumers.cross import CrossModel
 from consumers.recycle import RecycleReport, SaveAndRecycle, recipe_for, save_and_recycle
+from consumers.lm import LMHead, load_lm_head
 from consumers.reduced import ReducedModel
-from consumers.registry import FAMILIES, tail_class
+from consumers.registry import ENTRY_POINT_GROUP, FAMILIES, register_family, tail_class
 from consumers.tail import Tail, load_tail
 from consumers.train import train
 
 __all__ = [
-    "FAMILIES", "BottleneckAdapter", "CrossModel", "MLPHead", "QuestionAnsweringHead", "RecycleReport",
+    "ENTRY_POINT_GROUP", "FAMILIES", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead", "QuestionAnsweringHead", "RecycleReport",
     "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
-    "add_adapters", "add_lora", "load_tail", "load_transformers_head", "make_head", "recipe_for",
-    "save_and_recycle", "tail_class", "train", "trainable_state_dict",
+    "add_adapters", "add_lora", "load_lm_head", "load_tail", "load_transformers_head", "make_head", "recipe_for",
+    "register_family", "save_and_recycle", "tail_class", "train", "trainable_state_dict",
 ]

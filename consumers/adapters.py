@@ -7,7 +7,8 @@ starts at zero, so a freshly adapted tail computes exactly what the frozen tail 
 AdapterHub's `adapters` package does not work with transformers 5, hence this small module.
 
 `add_lora` injects LoRA into the tail's attention projections with PEFT. Either way only
-adapter (and head) parameters keep requires_grad, and `trainable_state_dict` is what gets saved.
+adapter (and task head) parameters keep requires_grad, and `trainable_state_dict` is what gets
+saved; a decoder's pretrained LM head (task causal-lm) is frozen like the tail.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def _tail_of(model: Any) -> Any:
     return getattr(model, "tail", model)
 
 
+def _freeze_pretrained_head(model: Any) -> None:
+    """A causal-LM head is the checkpoint's own (vocab x d) LM head: frozen with the tail, as in
+    LoRA fine-tuning of a causal LM. Task heads (classifiers) are new and keep training."""
+    head = getattr(model, "head", None)
+    if getattr(head, "task", None) == "causal-lm":
+        freeze(head)
+
+
 def add_adapters(model: Any, *, bottleneck: int = 64, activation: str = "relu") -> list[str]:
     """Freeze the tail of `model` (a Tail or ReducedModel) and add Houlsby adapters to each layer.
 
@@ -79,13 +88,15 @@ def add_adapters(model: Any, *, bottleneck: int = 64, activation: str = "relu") 
     if getattr(tail, "adapter_config", None):
         raise InvalidInputError("this tail already has adapters; add them once")
     freeze(tail)
+    _freeze_pretrained_head(model)
     wrapped = []
     for layer in tail.layers():
         for point in tail.adapter_points:
             parent_name, _, attr = point.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             base = getattr(parent, attr)
-            adapter = BottleneckAdapter(base.out_features, bottleneck, activation=activation)
+            width = getattr(base, "out_features", None) or base.nf  # nn.Linear, or GPT-2's Conv1D
+            adapter = BottleneckAdapter(width, bottleneck, activation=activation)
             adapter.to(device=base.weight.device, dtype=base.weight.dtype)
             setattr(parent, attr, AdaptedLinear(base, adapter))
             wrapped.append(point)
@@ -103,8 +114,10 @@ def add_lora(model: Any, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     if getattr(tail, "lora_config", None):
         raise InvalidInputError("this tail already has LoRA; add it once")
     freeze(tail)
+    _freeze_pretrained_head(model)
     targets = list(target_modules or tail.lora_targets)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=getattr(tail, "lora_fan_in_fan_out", False))  # GPT-2's Conv1D
     inject_adapter_in_model(config, tail)
     for name, p in tail.named_parameters():
         p.requires_grad_("lora_" in name)

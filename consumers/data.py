@@ -42,14 +42,15 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self.store().read([self.keys[i]])[0]
-        item: dict[str, Any] = {"states": entry.states}
+        item: dict[str, Any] = {"states": entry.states, "input_ids": entry.token_ids}
         if self.labels is not None:
             item["label"] = self.labels[i]
         return item
 
 
 class PadCollate:
-    """Pads states to the longest sequence: hidden_states [B, L, d] float32, attention_mask [B, L]."""
+    """Pads states to the longest sequence: hidden_states [B, L, d] float32, attention_mask [B, L],
+    and input_ids [B, L] (0 where padded) when the items carry token ids."""
 
     def __init__(self, label_pad: int = -100):
         self.label_pad = label_pad
@@ -63,6 +64,11 @@ class PadCollate:
             hidden[row, : len(s)] = torch.from_numpy(s)
             mask[row, : len(s)] = 1
         batch = {"hidden_states": hidden, "attention_mask": mask}
+        if all(it.get("input_ids") is not None for it in items):
+            ids = torch.zeros(len(states), length, dtype=torch.long)
+            for row, it in enumerate(items):
+                ids[row, : len(it["input_ids"])] = torch.as_tensor(np.asarray(it["input_ids"], dtype=np.int64))
+            batch["input_ids"] = ids
         if "label" in items[0]:
             batch.update(self.labels([it["label"] for it in items], length))
         return batch

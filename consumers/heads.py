@@ -10,6 +10,12 @@ full model onto a reduced one. Sequence-head styles follow each family's transfo
     distilbert  pre_classifier + ReLU on [CLS] -> dropout -> classifier
     deberta     pooler.dense (ContextPooler, config activation) -> classifier
     mean        masked mean -> classifier.dense + tanh -> classifier.out_proj  (T5 encoder)
+    last        score (no bias) on the last real token          (decoders: GPT-2, Llama, ...)
+
+`last` is transformers' *ForSequenceClassification for decoders: `score` on every position,
+then the logits of each row's last real token. transformers finds that token as the rightmost
+one that is not `pad_token_id`; here it is the rightmost one the attention mask marks real, the
+same token for right padding (and right too when the pad id also occurs as content).
 
 `MLPHead` is the paper's baseline: a 2-layer MLP on stored final-layer states (no tail).
 """
@@ -21,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from consumers.lm import LMHead
 from erstore.errors import IncompatibleStoreError, InvalidInputError
 
-STYLES = ("bert", "roberta", "distilbert", "deberta", "mean")
+STYLES = ("bert", "roberta", "distilbert", "deberta", "mean", "last")
 
 
 def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -31,6 +38,15 @@ def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.T
         return h.mean(dim=1)
     m = attention_mask.to(h.dtype).unsqueeze(-1)
     return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def last_token(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """values[b, last real position of row b] ([B, L, ...] -> [B, ...])."""
+    if attention_mask is None:
+        return values[:, -1]
+    index = torch.arange(values.shape[1], device=values.device)
+    last = (index * attention_mask.to(index.device)).argmax(-1)
+    return values[torch.arange(values.shape[0], device=values.device), last]
 
 
 class _Dense(nn.Module):
@@ -65,12 +81,16 @@ class SequenceClassificationHead(nn.Module):
             self.classifier = nn.Linear(hidden_size, num_labels)
         elif style in ("roberta", "mean"):
             self.classifier = _Dense(hidden_size, num_labels)
+        elif style == "last":
+            self.score = nn.Linear(hidden_size, num_labels, bias=False)
         else:
             self.pre_classifier = nn.Linear(hidden_size, hidden_size)
             self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         s = self.style
+        if s == "last":
+            return last_token(self.score(hidden_states), attention_mask)
         if s == "bert":
             return self.classifier(self.dropout(self.act(self.pooler.dense(hidden_states[:, 0]))))
         if s == "deberta":
@@ -141,18 +161,27 @@ class MLPHead(nn.Module):
 
 
 HEADS = {"sequence": SequenceClassificationHead, "token": TokenClassificationHead,
-         "qa": QuestionAnsweringHead, "mlp": MLPHead}
+         "qa": QuestionAnsweringHead, "mlp": MLPHead, "causal-lm": LMHead}
 
 
 def make_head(kind: str, *, hidden_size: int, num_labels: int = 2, **options: Any) -> nn.Module:
-    """A head by name: sequence, token, qa or mlp."""
+    """A head by name: sequence, token, qa, mlp or causal-lm (randomly initialised)."""
     if kind not in HEADS:
         raise InvalidInputError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     return HEADS[kind](hidden_size, num_labels, **options)
 
 
 def head_for_tail(kind: str, tail: Any, num_labels: int = 2, **options: Any) -> nn.Module:
-    """A head in the tail's family style, starting from the pretrained pooler where there is one."""
+    """A head in the tail's family style, starting from the pretrained pooler where there is one.
+
+    causal-lm: the pretrained LM head of the store's model (consumers.lm.load_lm_head).
+    """
+    if kind == "causal-lm":
+        if tail.recipe is None:
+            raise InvalidInputError("a causal-lm head needs a tail loaded from a store (load_tail)")
+        from consumers.lm import load_lm_head
+
+        return load_lm_head(tail.recipe, model=options.get("model"))
     if kind == "sequence":
         options.setdefault("style", tail.sequence_head)
         if options["style"] == "deberta":

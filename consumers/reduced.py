@@ -21,6 +21,7 @@ from torch import nn
 
 from consumers.adapters import add_adapters, add_lora, trainable_state_dict
 from consumers.heads import HEADS, head_for_tail
+from consumers.lm import causal_labels
 from consumers.tail import Tail, load_tail
 from erstore.errors import IncompatibleStoreError
 from erstore.manifest import Recipe
@@ -60,8 +61,11 @@ class ReducedModel(nn.Module):
     @classmethod
     def for_store(cls, store: Any, *, task: str = "sequence", num_labels: int = 2,
                   model: str | None = None, **head_options: Any) -> ReducedModel:
-        """Load the store's tail and add a head: task is sequence, token, qa or mlp."""
+        """Load the store's tail and add a head: task is sequence, token, qa, mlp or causal-lm
+        (the model's own LM head; num_labels is then the vocabulary's size)."""
         tail = load_tail(store, model=model)
+        if task == "causal-lm":
+            head_options.setdefault("model", model)
         head = head_for_tail(task, tail, num_labels, **head_options)
         if getattr(tail, "pooler", None) is not None:
             tail.pooler = None  # a BERT-style head copied it; the tail itself never uses it
@@ -75,12 +79,19 @@ class ReducedModel(nn.Module):
                 labels: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
                 end_positions: torch.Tensor | None = None, **batch_extras: Any) -> Any:
         """Loss (when labels are given) and logits. Extra batch fields (input_ids, keys ... from
-        erstore.torchdata's Collate) are accepted and ignored."""
+        erstore.torchdata's Collate) are accepted and ignored, except that a causal-lm head
+        takes its labels from input_ids (shifted inside the loss, as transformers does)."""
         from transformers import modeling_outputs as mo
 
         h = self.tail(hidden_states, attention_mask)
         logits = self.head(h, attention_mask)
         ce = nn.functional.cross_entropy
+        if self.task == "causal-lm":  # next-token loss on the stored token ids unless labels given
+            ids = batch_extras.get("input_ids")
+            if labels is None and ids is not None:
+                labels = causal_labels(ids, attention_mask)
+            loss = None if labels is None else self.head.loss(logits, labels.to(logits.device))
+            return mo.CausalLMOutput(loss=loss, logits=logits)
         if self.task == "qa":
             start, end = logits[..., 0], logits[..., 1]
             loss = None
@@ -131,7 +142,10 @@ class ReducedModel(nn.Module):
         tail = load_tail(Recipe.from_dict(meta["recipe"]), model=model)
         head_cfg = dict(meta["head"])
         kind = head_cfg.pop("kind")
-        head = HEADS[kind](head_cfg.pop("hidden_size"), head_cfg.pop("num_labels"), **head_cfg)
+        if kind == "causal-lm":  # starts from the checkpoint's LM head; trained weights load below
+            head = head_for_tail(kind, tail, model=model)
+        else:
+            head = HEADS[kind](head_cfg.pop("hidden_size"), head_cfg.pop("num_labels"), **head_cfg)
         reduced = cls(tail, head)
         if meta["adapters"]:
             add_adapters(reduced, **meta["adapters"])

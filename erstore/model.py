@@ -1,12 +1,15 @@
-"""Running a transformer up to layer k, for any Hugging Face encoder family.
+"""Running a transformer up to layer k, for any Hugging Face encoder or decoder-only family.
 
 `LayerExtractor` loads a model with transformers and returns `hidden_states[k]` (the input of
 layer k; index 0 is the embedding output) for one or several k in one forward pass. It stops the
 forward pass right after the deepest requested layer instead of running the whole model, which
 is what makes a build cost about as much as computing layers 0..k. It does this with forward
 hooks on the model's own layer list, so it needs no per-family code: the layers run exactly as
-transformers runs them (same masks, same position biases), and the result is bit-identical to
-`output_hidden_states=True`.
+transformers runs them (same masks, same position biases; for decoders the causal and
+sliding-window masks and rotary embeddings of the base model's own forward), and the result is
+bit-identical to `output_hidden_states=True` (tests/test_consumers_decoders.py checks GPT-2,
+Llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3). Decoders load as their base model (`AutoModel`,
+no LM head): the build never needs logits.
 
 Also here: the weight fingerprint that identifies a model in a store's recipe.
 """
@@ -88,7 +91,8 @@ def find_layers(model: Any, num_layers: int) -> Any:
     if not candidates:
         raise InvalidInputError(
             f"cannot find the {num_layers} transformer layers of {type(model).__name__}; "
-            "erstore supports encoder models whose layers form one nn.ModuleList"
+            "erstore supports encoder and decoder-only models whose layers form one nn.ModuleList "
+            "(multimodal models: build from their text model)"
         )
     return min(candidates, key=lambda c: c[0].count("."))[1]
 

@@ -87,7 +87,7 @@ def test_t5_tail_at_last_layer_is_identity_and_layer0_computes_bias(zoo):
 def test_t5_seq2seq_with_encoder_from_store(zoo):
     from transformers import T5ForConditionalGeneration
 
-    from consumers.t5 import load_seq2seq
+    from consumers.models.t5 import load_seq2seq
 
     store = zoo.store("t5")
     reduced = load_seq2seq(store)
@@ -117,9 +117,10 @@ def test_refuses_a_model_with_other_weights(zoo, tmp_path):
     assert str(other) in message
 
 
-def test_refuses_a_family_without_tail():
-    with pytest.raises(IncompatibleStoreError, match="gpt2"):
-        tail_class("gpt2")
+def test_refuses_a_family_without_tail_and_says_how_to_add_one():
+    with pytest.raises(IncompatibleStoreError, match="mamba") as info:
+        tail_class("mamba")
+    assert "register_family" in str(info.value) and "erstore.families" in str(info.value)
 
 
 @pytest.mark.parametrize("dtype,bound", [("float16", 5e-3), ("bfloat16", 5e-2)])

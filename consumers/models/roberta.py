@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from consumers.bert import BertTail
+from consumers.models.bert import BertTail
 
 
 class RobertaTail(BertTail):

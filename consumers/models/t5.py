@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.tail import Tail, keep_layers, load_tail
+from consumers.base import Tail, keep_layers
+from consumers.tail import load_tail
 from erstore.errors import IncompatibleStoreError
 
 
