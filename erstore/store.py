@@ -331,6 +331,15 @@ class Store:
         dataset = self.dataset(keys, labels=labels, **({} if dtype is None else {"dtype": dtype}))
         return Loader(dataset, **options)
 
+    def tokens(self, keys: Sequence[str] | None = None, **options: Any) -> Any:
+        """A token-level feed (`erstore.tokens.TokenFeed`): shuffled batches of single token rows.
+
+        `store.tokens(batch_size=4096, seed=0, drop_special=True)`; see erstore.tokens for options.
+        """
+        from erstore.tokens import TokenFeed
+
+        return TokenFeed(self, keys, **options)
+
     # -- metadata ---------------------------------------------------------------------------
     def versions(self) -> list[VersionManifest]:
         return [read_manifest(self.location, v) for v in list_versions(self.location)]
