@@ -57,8 +57,9 @@ class Blocks:
 
 
 def token_blocks(slot: np.ndarray, row: np.ndarray, length: np.ndarray, seq: np.ndarray, *,
-                 drop_first: int, block_rows: int) -> Blocks:
-    """Blocks of the rows [row + drop_first, row + length) of each sequence (vectorised)."""
+                 drop_first: int | np.ndarray, block_rows: int) -> Blocks:
+    """Blocks of the rows [row + drop_first, row + length) of each sequence (vectorised;
+    `drop_first` is one number or one per sequence)."""
     slot, row, length, seq = (np.asarray(a, dtype=np.int64) for a in (slot, row, length, seq))
     start = row + np.minimum(length, drop_first)
     stop = row + length

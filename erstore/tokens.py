@@ -23,6 +23,7 @@ feed is already batched and prefetching; iterate it directly in each rank).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from erstore.codecs import storage_dtype
 from erstore.errors import CorruptStoreError, InvalidInputError, KeyNotFoundError
 from erstore.index import KeyIndex
 from erstore.keys import join_key
-from erstore.store import Store
+from erstore.store import BuildArrays, Store, open_arrays
 from erstore.tokenplan import TokenPlan, token_blocks
 
 DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
@@ -105,6 +106,10 @@ class TokenFeed:
         drop_special: drop the special tokens of the store's tokenizer (loads it; needs
             transformers). `drop_ids` drops these token ids as well (no tokenizer needed).
         drop_first: drop the first `drop_first` positions of every stored window.
+        drop_overlap: in windows that continue a document (not its first window), drop the
+            positions before the first new token: the leading special tokens and the `stride`
+            tokens repeated from the previous window, so each document token comes once
+            (loads the tokenizer; single-text stores only).
         drop_last: only full batches; with several ranks, every rank the same number of them
             (otherwise ranks may differ by a batch, and the last batch may be short).
         rank, world_size: this process's share (default: torch.distributed if initialised).
@@ -118,7 +123,8 @@ class TokenFeed:
 
     def __init__(self, store: Store, keys: Sequence[str] | None = None, *, batch_size: int = 4096,
                  shuffle: bool = True, seed: int = 0, drop_special: bool = False,
-                 drop_ids: Sequence[int] = (), drop_first: int = 0, drop_last: bool = False,
+                 drop_ids: Sequence[int] = (), drop_first: int = 0, drop_overlap: bool = False,
+                 drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None, block_rows: int | None = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, dtype: Any = None):
         if drop_first < 0:
@@ -138,8 +144,16 @@ class TokenFeed:
             seqs = np.unique(found)  # a key given twice still yields its tokens once
         d = store.recipe.hidden_size
         self.block_rows = block_rows or store.codec.rows_per_chunk(d)
+        # One pass reads each chunk once: a cache pool would only add a copy per chunk. Blocks
+        # smaller than a chunk decode a chunk several times, so they keep the store's cache.
+        chunked = self.block_rows % store.codec.rows_per_chunk(d) == 0
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}}) if chunked else None
+        self._arrays: dict[int, BuildArrays] = {}
         sel = recs[seqs]
-        self.blocks = token_blocks(sel["array"], sel["row"], sel["length"], seqs, drop_first=drop_first,
+        skip = np.full(len(seqs), drop_first, dtype=np.int64)
+        if drop_overlap:
+            skip[np.isin(seqs, continuation_windows(store))] = max(drop_first, overlap_rows(store))
+        self.blocks = token_blocks(sel["array"], sel["row"], sel["length"], seqs, drop_first=skip,
                                    block_rows=self.block_rows)
         ids = {int(i) for i in drop_ids} | (special_token_ids(store) if drop_special else set())
         self.drop_ids = np.array(sorted(ids), dtype=np.int64)
@@ -254,20 +268,29 @@ class TokenFeed:
                   "sequences": b.p_seq[row_piece], "positions": (b.p_pos0[row_piece] + within).astype(np.int32)}
         return [(r[0], r[1], r[2]) for r in runs], layout
 
+    def _array(self, slot: int) -> BuildArrays:
+        if self._context is None:
+            return self.store._array(slot)
+        if slot not in self._arrays:
+            s = self.store
+            self._arrays[slot] = open_arrays(s.location, s.index.arrays[slot], s.codec, s.recipe.hidden_size,
+                                             self._context)
+        return self._arrays[slot]
+
     def _start(self, block_ids: np.ndarray, *, states: bool = True) -> tuple[Any, ...]:
         runs, layout = self._layout(block_ids)
         with ts.Batch() as batch:
             if states:
-                futures = [self.store._array(slot).read(lo, hi, batch) for slot, lo, hi in runs]
+                futures = [self._array(slot).read(lo, hi, batch) for slot, lo, hi in runs]
             else:
-                futures = [({}, self.store._array(slot).tokens[lo:hi].read(batch=batch)) for slot, lo, hi in runs]
+                futures = [({}, self._array(slot).tokens[lo:hi].read(batch=batch)) for slot, lo, hi in runs]
         return runs, layout, futures
 
     def _finish(self, pending: tuple[Any, ...], epoch: int, window: int, expected: int) -> _Window:
         runs, layout, futures = pending
         decoded, ids = [], []
         for (slot, _, _), (parts, tokens) in zip(runs, futures):
-            params = self.store._array(slot).params
+            params = self._array(slot).params
             decoded.append(self.store.codec.decode({n: f.result() for n, f in parts.items()}, params))
             ids.append(tokens.result())
         states = decoded[0] if len(decoded) == 1 else np.concatenate(decoded)
@@ -304,12 +327,43 @@ def _ranges(sizes: np.ndarray) -> np.ndarray:
 
 def special_token_ids(store: Store) -> set[int]:
     """Ids the store's tokenizer adds or reserves ([CLS], [SEP], BOS, EOS, PAD...), not [UNK]."""
-    from erstore.tokenize import Windower
-
     if store._tokenizer is None:
+        from erstore.tokenize import Windower
+
         store._tokenizer = Windower.from_recipe(store.recipe)
     tokenizer = store._tokenizer.tokenizer
     return set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+
+
+def continuation_windows(store: Store) -> np.ndarray:
+    """Index positions of the windows that are not the first window of their document."""
+    if store.manifest is None:
+        return np.zeros(0, dtype=np.int64)
+    if (store.index.records["boundary"] > 0).any():
+        raise InvalidInputError("drop_overlap needs a single-text store; text-pair windows repeat their "
+                                "first text whole (use drop_first, or key subsets)")
+    names = [f"index/{n}.docs.json" for n in store.manifest.indexes]
+    later: list[str] = []
+    for name, raw in zip(names, store.location.read_many(names)):
+        try:
+            docs = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise CorruptStoreError(f"{store.location.url}/{name} is not valid JSON: {e}") from e
+        later += [k for keys in docs.values() for k in keys[1:]]
+    found = store.index.find(later)
+    return np.unique(found[found >= 0])
+
+
+def overlap_rows(store: Store) -> int:
+    """Positions a continuation window starts with that an earlier window already holds: the
+    tokenizer's leading special tokens plus the recipe's stride."""
+    if store._tokenizer is None:
+        from erstore.tokenize import Windower
+
+        store._tokenizer = Windower.from_recipe(store.recipe)
+    mask = store._tokenizer.tokenizer("x", return_special_tokens_mask=True)["special_tokens_mask"]
+    lead = next((i for i, m in enumerate(mask) if not m), len(mask))
+    return lead + store.recipe.stride
 
 
 def _distributed() -> tuple[int, int]:

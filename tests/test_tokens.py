@@ -7,8 +7,10 @@ so block permutation, windows, read-ahead and batches that straddle windows are 
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +283,41 @@ def test_plan_covers_every_row_once_across_ranks(lengths, block_rows, drop_first
         windows = p.windows(0)
         assert sorted(np.concatenate(windows or [np.zeros(0, int)]).tolist()) == sorted(p.blocks.tolist())
         assert len(p) == -(-p.tokens // batch_size)
+
+
+def test_example_trains_a_probe_and_an_sae_on_the_token_feed(read_store):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "examples" / "tokens_probe_sae.py"), "--store", str(read_store), "--epochs", "8",
+           "--batch-size", "64", "--classes", "5", "--latents", "64", "--test-every", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["probe_test_tokens"] > 0 and result["sae_test_tokens"] > 0
+    assert result["probe_accuracy"] > result["probe_majority_baseline"] + 0.2
+    assert result["sae_fvu"] < 0.8 and 0 < result["sae_l0"] < 64
+
+
+def test_drop_overlap_yields_each_document_token_once(read_store):
+    from tests.conftest import NER_ROWS, SENTENCES
+
+    store = erstore.open(read_store)
+    feed = store.tokens(batch_size=50, seed=2, drop_overlap=True, drop_special=True, **SMALL)
+    got: dict[int, dict[int, int]] = {}
+    for b in feed.batches(0):
+        for s, p, t in zip(b.sequences.tolist(), b.positions.tolist(), b.token_ids.tolist()):
+            got.setdefault(s, {})[p] = t
+    tokenizer = store._tokenizer.tokenizer
+    texts = {"long": " ".join(SENTENCES * 6), "n2": " ".join(NER_ROWS[2]["tokens"])}
+    for doc, text in texts.items():
+        windows = store.index.find(store.windows(doc))
+        assert len(windows) >= 2
+        ids = [got[w][p] for w in windows.tolist() for p in sorted(got[w])]
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Without it, the windows after the first repeat `stride` tokens each.
+    plain = store.tokens(batch_size=50, drop_special=True, **SMALL)
+    n_windows = sum(len(store.windows(doc)) - 1 for doc in texts)
+    assert plain.tokens - feed.tokens == n_windows * store.recipe.stride
+
+
+def test_drop_overlap_refuses_text_pair_stores(qa_store):
+    with pytest.raises(InvalidInputError, match="single-text"):
+        erstore.open(qa_store).tokens(drop_overlap=True)
