@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 
 import erstore
 from erstore.errors import InvalidInputError, KeyNotFoundError
-from erstore.store import BuildArrays
 from erstore.tokenplan import TokenPlan, token_blocks
-from erstore.tokens import special_token_ids
+from erstore.tokens import TokenFeed, special_token_ids
 from tests.conftest import write_jsonl
 
 SMALL = {"block_rows": 16, "buffer_bytes": 3 * 16 * 32 * 4}  # 3 blocks of 16 fp32 rows of d=32
@@ -133,15 +132,28 @@ def test_state_dict_resumes_an_interrupted_epoch_and_then_moves_on(read_store, m
         store.tokens(seed=6).load_state_dict(state)
 
 
+def record_runs(monkeypatch) -> list[tuple[int, int, int]]:
+    """Every (slot, first row, end row) the feed reads from storage, in order."""
+    runs: list[tuple[int, int, int]] = []
+    original = TokenFeed._layout
+
+    def spy(self, block_ids):
+        out = original(self, block_ids)
+        runs.extend(out[0])
+        return out
+
+    monkeypatch.setattr(TokenFeed, "_layout", spy)
+    return runs
+
+
 def test_resume_reads_only_the_windows_it_needs(read_store, monkeypatch):
     store = erstore.open(read_store)
     feed = store.tokens(batch_size=16, seed=0, **SMALL)
-    calls = []
-    original = BuildArrays.read
-    monkeypatch.setattr(BuildArrays, "read", lambda self, a, b, batch=None: calls.append((a, b)) or original(self, a, b, batch))
+    runs = record_runs(monkeypatch)
     next(iter(feed.batches(0, start=len(feed) - 1)))
     last_window = feed.plan.windows(0)[-1]
-    assert 0 < len(calls) <= len(last_window)
+    assert 0 < len(runs) <= len(last_window)
+    assert sum(b - a for _, a, b in runs) <= len(last_window) * 16
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -196,16 +208,15 @@ def test_dropping_special_tokens_ids_and_first_positions(read_store):
     assert sum(len(b) for b in feed.batches(0)) == sum(t != common for _, t in truth.values())
 
 
-def test_each_block_is_read_once_per_epoch_not_once_per_batch(read_store, monkeypatch):
-    store = erstore.open(read_store)
+def test_each_block_is_read_once_per_epoch_not_once_per_batch(two_builds, monkeypatch):
+    store = erstore.open(two_builds)
     feed = store.tokens(batch_size=8, seed=0, **SMALL)
-    reads = []
-    original = BuildArrays.read
-    monkeypatch.setattr(BuildArrays, "read", lambda self, a, b, batch=None: reads.append((a, b)) or original(self, a, b, batch))
+    runs = record_runs(monkeypatch)
     n = len(delivered(feed))
-    assert len(reads) <= len(feed.blocks) < n
-    spans = sorted(reads)
-    assert all(b0 <= a1 for (_, b0), (a1, _) in itertools.pairwise(spans))  # no row read twice
+    assert len(runs) <= len(feed.blocks) < n
+    spans = sorted(runs)
+    assert all(s0 != s1 or b0 <= a1 for (s0, _, b0), (s1, a1, _) in itertools.pairwise(spans))  # no row twice
+    assert sum(b - a for _, a, b in runs) == store.index.total_tokens  # every stored row read, once
 
 
 def test_float16_store_dtype_option_and_torch_batches(two_builds):
