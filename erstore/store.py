@@ -419,6 +419,15 @@ class Store:
 
         return to_hf_dataset(self, keys, **options)
 
+    def tokens(self, keys: Sequence[str] | None = None, **options: Any) -> Any:
+        """A token-level feed (`erstore.tokens.TokenFeed`): shuffled batches of single token rows.
+
+        `store.tokens(batch_size=4096, seed=0, drop_special=True)`; see erstore.tokens for options.
+        """
+        from erstore.tokens import TokenFeed
+
+        return TokenFeed(self, keys, **options)
+
     # -- metadata ---------------------------------------------------------------------------
     def versions(self) -> list[VersionManifest]:
         return [read_manifest(self.location, v) for v in list_versions(self.location)]
