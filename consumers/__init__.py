@@ -4,12 +4,15 @@
     store = erstore.open("stores/minilm-l3")
     model = consumers.ReducedModel.for_store(store, task="sequence", num_labels=2)
     consumers.add_adapters(model, bottleneck=64)        # optional: Houlsby adapters, tail frozen
-    consumers.train(model, store, keys, labels, epochs=3)
+    consumers.train(model, store, sequence_examples(store, rows, by="doc"), epochs=3)
     model.predict(["new text"], store=store)
+    full = consumers.FullModel.for_store(store, task="sequence", num_labels=2)   # the baseline
+    consumers.train(full, store, examples, epochs=3)                             # same loop and loss
 
 Modules: `tail` (load_tail, the Tail base), one module per model family (registered in
 `registry`), `heads`, `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
-load, predict), `train`, `recycle` (save-and-recycle training: compute in epoch 1, read after),
+load, predict), `full` (FullModel: the full fine-tuning baseline), `serving` (per-word tags and
+answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle` (save-and-recycle training: compute in epoch 1, read after),
 `cross` (cross-model recycling: a larger model's stored states feed a smaller model),
 `t5` (also the seq2seq reduced model). `erstore` never imports this package.
 """
@@ -27,13 +30,14 @@ from consumers.heads import (
 )
 from consumers.cross import CrossModel
 from consumers.recycle import RecycleReport, SaveAndRecycle, recipe_for, save_and_recycle
+from consumers.full import FullModel
 from consumers.reduced import ReducedModel
 from consumers.registry import FAMILIES, tail_class
 from consumers.tail import Tail, load_tail
 from consumers.train import train
 
 __all__ = [
-    "FAMILIES", "BottleneckAdapter", "CrossModel", "MLPHead", "QuestionAnsweringHead", "RecycleReport",
+    "FAMILIES", "BottleneckAdapter", "CrossModel", "FullModel", "MLPHead", "QuestionAnsweringHead", "RecycleReport",
     "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
     "add_adapters", "add_lora", "load_tail", "load_transformers_head", "make_head", "recipe_for",
     "save_and_recycle", "tail_class", "train", "trainable_state_dict",

@@ -77,6 +77,8 @@ def main() -> None:
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--pair-field", default=None, help="JSONL field holding a second text (QA contexts).")
 @click.option("--id-field", default=None, help="JSONL field holding a document id [default: line number].")
+@click.option("--words-field", default=None, help="JSONL field holding a list of words (pre-tokenized, "
+              "e.g. NER data): tokenized with is_split_into_words instead of reading --text-field.")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
@@ -98,7 +100,7 @@ def build(ctx: click.Context, **opts: Any) -> None:
         corpus=opts["corpus"] or DEFAULT_CORPUS, store=opts["store"], dtype=opts["dtype"], codec=opts["codec"],
         max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
         device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
-        id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
+        id_field=opts["id_field"], words_field=opts["words_field"], limit=opts["limit"], progress=not opts["quiet"],
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
     )
     for result in run(config):

@@ -30,18 +30,25 @@ class Document:
     id: str
     text: str
     pair: str | None = None
+    words: tuple[str, ...] | None = None  # pre-tokenized input; `text` is then the words joined by spaces
 
 
 def read_corpus(path: str | os.PathLike[str], *, text_field: str = "text", pair_field: str | None = None,
-                id_field: str | None = None, limit: int | None = None) -> list[Document]:
-    """Load a corpus file (``.jsonl``/``.json`` lines, else plain text) or the default corpus."""
+                id_field: str | None = None, words_field: str | None = None,
+                limit: int | None = None) -> list[Document]:
+    """Load a corpus file (``.jsonl``/``.json`` lines, else plain text) or the default corpus.
+
+    `words_field` (JSONL): each row holds a list of words, tokenized pre-split; `text_field` is
+    then not read."""
     if os.fspath(path) == DEFAULT_CORPUS:
         return default_corpus(limit or DEFAULT_CORPUS_SIZE)
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"corpus file {p} does not exist; pass --corpus a .jsonl or .txt file")
     if p.suffix in (".jsonl", ".json", ".ndjson"):
-        docs = _read_jsonl(p, text_field, pair_field, id_field)
+        docs = _read_jsonl(p, text_field, pair_field, id_field, words_field)
+    elif words_field:
+        raise InvalidInputError(f"--words-field needs a JSONL corpus (a list of words per row); {p} is not .jsonl")
     else:
         with p.open(encoding="utf-8") as f:
             docs = [Document(str(i), line.rstrip("\n")) for i, line in enumerate(f) if line.strip()]
@@ -52,7 +59,8 @@ def read_corpus(path: str | os.PathLike[str], *, text_field: str = "text", pair_
     return docs
 
 
-def _read_jsonl(p: Path, text_field: str, pair_field: str | None, id_field: str | None) -> list[Document]:
+def _read_jsonl(p: Path, text_field: str, pair_field: str | None, id_field: str | None,
+                words_field: str | None = None) -> list[Document]:
     docs = []
     seen_ids: set[str] = set()
     with p.open(encoding="utf-8") as f:
@@ -65,14 +73,26 @@ def _read_jsonl(p: Path, text_field: str, pair_field: str | None, id_field: str 
                 raise InvalidInputError(f"{p}:{lineno}: malformed JSON ({e}); fix or remove the line") from e
             if not isinstance(row, dict):
                 raise InvalidInputError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            text = _field(row, text_field, p, lineno, "--text-field")
+            words = _words(row, words_field, p, lineno) if words_field else None
+            text = " ".join(words) if words else _field(row, text_field, p, lineno, "--text-field")
             pair = _field(row, pair_field, p, lineno, "--pair-field") if pair_field else None
             doc_id = str(_field(row, id_field, p, lineno, "--id-field")) if id_field else str(lineno - 1)
             if doc_id in seen_ids:
                 raise InvalidInputError(f"{p}:{lineno}: duplicate document id {doc_id!r} in field {id_field!r}")
             seen_ids.add(doc_id)
-            docs.append(Document(doc_id, text, pair))
+            docs.append(Document(doc_id, text, pair, words))
     return docs
+
+
+def _words(row: dict, name: str, p: Path, lineno: int) -> tuple[str, ...]:
+    if name not in row:
+        raise InvalidInputError(f"{p}:{lineno}: no field {name!r} (fields: {', '.join(sorted(row)) or 'none'}); "
+                                "name the right one with --words-field")
+    value = row[name]
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) for w in value):
+        raise InvalidInputError(f"{p}:{lineno}: field {name!r} must be a non-empty list of words (strings), "
+                                f"got {str(value)[:80]!r}")
+    return tuple(value)
 
 
 def _field(row: dict, name: str | None, p: Path, lineno: int, flag: str) -> str:

@@ -22,7 +22,7 @@ from tests.conftest import NER_ROWS, QA_ROWS, SENTENCES, write_jsonl
 
 WORDS = "red green blue cyan magenta yellow black white".split()
 TINY = Budget(epochs=1, seeds=(0, 1), max_train=24, max_dev=12, batch_size=8, eval_batch_size=8, lr=1e-3,
-              threads=1)
+              threads=1, min_steps=0)
 
 
 def rows() -> list[dict]:
@@ -91,7 +91,8 @@ def test_report_has_every_field_and_follows_the_rule(layers, tmp_path):
         erstore.open(str(layers / "stores" / f"layer-{k}")).info()["bytes"] for k in (1, 2, 3)]
     assert report.train_examples == 16 and report.dev_examples == 12
     want = recommend([(r.name, r.layer, r.metric) for r in report.candidates], report.reference.metric, 0.5,
-                     reference_name="k=0")
+                     reference_name="k=0", reference_spread=report.reference.spread,
+                     spreads={r.name: r.spread for r in report.candidates}, trivial=report.trivial)
     assert report.recommendation == want
     if want.layer is not None:
         chosen = next(r for r in report.candidates if r.name == want.name)
@@ -113,7 +114,8 @@ def test_report_has_every_field_and_follows_the_rule(layers, tmp_path):
 
 def test_same_seeds_give_identical_metrics(layers):
     stores = [layers / "stores" / f"layer-{k}" for k in (2, 3)]
-    budget = Budget(epochs=1, seeds=(5, 6), max_train=24, max_dev=12, batch_size=8, lr=1e-3, threads=1)
+    budget = Budget(epochs=1, seeds=(5, 6), max_train=24, max_dev=12, batch_size=8, lr=1e-3, threads=1,
+                    min_steps=0)
     a = choose_layer(stores, task="classification", train=layers / "train.jsonl", dev=layers / "dev.jsonl",
                      budget=budget)
     b = choose_layer(stores, task="classification", train=layers / "train.jsonl", dev=layers / "dev.jsonl",
@@ -125,11 +127,11 @@ def test_same_seeds_give_identical_metrics(layers):
 
 def test_ner_and_qa_reports(read_store, qa_store):
     ner = choose_layer([read_store], task="ner", train=NER_ROWS, dev=NER_ROWS, budget=TINY)
-    assert ner.metric_name == "token F1" and [r.name for r in ner.candidates] == ["k=2"]
+    assert ner.metric_name == "word F1" and [r.name for r in ner.candidates] == ["k=2"]
     check_row(ner.reference, reference=True)
     check_row(ner.candidates[0])
     qa = choose_layer([qa_store], task="qa", train=QA_ROWS, dev=QA_ROWS, budget=TINY, reference="full")
-    assert qa.metric_name == "span F1" and qa.dev_examples == len(erstore.open(str(qa_store)))
+    assert qa.metric_name == "F1" and qa.dev_examples == len(erstore.open(str(qa_store)))
     check_row(qa.candidates[0])
     assert 0 <= qa.candidates[0].extra["exact_match"] <= qa.candidates[0].metric
 
@@ -171,6 +173,7 @@ def test_cli_json_and_errors(layers, tmp_path):
     args = [str(layers / "stores" / "layer-3"), "--task", "classification", "--train",
             str(layers / "train.jsonl"), "--dev", str(layers / "dev.jsonl"), "--epochs", "1", "--seeds", "0,1",
             "--max-train", "24", "--max-dev", "12", "--batch-size", "8", "--lr", "1e-3", "--reference", "none",
+            "--min-steps", "0",
             "--plot", str(tmp_path / "p.png")]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
