@@ -178,7 +178,7 @@ def recommend(candidates: Sequence[tuple[str, int, float]], reference: float, to
     for name, layer, metric in sorted(candidates, key=lambda c: (c[1], c[0])):
         good = metric >= floor - 1e-9
         noise = max(reference_spread, spreads.get(name, 0.0))
-        within = " (within the seed spread)" if noise > 0 and abs(metric - reference) <= noise else ""
+        within = " (within the seed spread)" if noise > 0 and abs(metric - reference) <= noise + 1e-9 else ""
         lines.append(f"  {name:<16} {metric:7.2f} ({metric - reference:+.2f}{within}) "
                      f"{'within' if good else 'outside'} tolerance")
         if good:
@@ -207,12 +207,12 @@ def recommend(candidates: Sequence[tuple[str, int, float]], reference: float, to
     if deeper:
         nxt = min(deeper, key=lambda c: (c[1], -c[2]))
         noise = max(spreads.get(name, 0.0), spreads.get(nxt[0], 0.0))
-        if abs(metric - nxt[2]) <= noise:
+        if noise > 0 and abs(metric - nxt[2]) <= noise + 1e-9:
             lines.append(f"   note: the next deeper candidate {nxt[0]} ({nxt[2]:.2f}) differs from {name} by "
                          f"{metric - nxt[2]:.2f} points, within the seed spread ({noise:.2f}): which of the "
                          "two is recommended is not resolved by these seeds")
     noise = max(reference_spread, spreads.get(name, 0.0))
-    if abs(metric - reference) <= noise:
+    if noise > 0 and abs(metric - reference) <= noise + 1e-9:
         lines.append(f"   note: {name} differs from {reference_name} by {metric - reference:+.2f} points, "
                      f"within the seed spread ({noise:.2f})")
     return Recommendation(name, layer, "\n".join(lines))
