@@ -181,3 +181,21 @@ def test_qa_answers_as_text_with_offsets(qa_store):
     got = best_answer([logits], [w], QA_ROWS[0]["context"])
     assert (got["text"], got["start"], got["end"]) == ("Paris", 43, 48)
     assert squad_scores([got["text"]], [QA_ROWS[0]["answers"]["text"]]) == (100.0, 100.0)
+
+
+def test_cli_build_takes_a_words_field(tiny_bert, stores, tmp_path):
+    from click.testing import CliRunner
+
+    from erstore.cli import main
+
+    corpus = write_jsonl(tmp_path / "w.jsonl", [{"id": r["id"], "words": r["tokens"]} for r in ROWS])
+    args = ["build", "--model", str(tiny_bert), "--layer", "2", "--dtype", "float32", "--max-length", "32",
+            "--id-field", "id", "--quiet", "--corpus", str(corpus)]
+    ok = CliRunner().invoke(main, [*args, "--words-field", "words", "--store", str(tmp_path / "s")])
+    assert ok.exit_code == 0, ok.output
+    built = erstore.open(str(tmp_path / "s"))
+    assert sorted(built) == sorted(stores[0]) and built.windows("long") == stores[0].windows("long")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "words": "not a list"}])
+    fail = CliRunner().invoke(main, [*args[:-1], str(bad), "--words-field", "words", "--store", str(tmp_path / "b")])
+    assert fail.exit_code != 0 and "bad.jsonl:1" in fail.output and "list of words" in fail.output
+    assert not (tmp_path / "b" / "versions").exists()
