@@ -191,8 +191,8 @@ def recommend(candidates: Sequence[tuple[str, int, float]], reference: float, to
                    "give more training rows")
     elif reference_spread > tolerance:
         refused = (f"the seeds of {reference_name} disagree by {reference_spread:.2f} points, more than "
-                   f"the tolerance ({tolerance:g}): differences that small cannot be told from seed "
-                   "noise. Add seeds, rows or steps, or raise --tolerance")
+                   f"the tolerance ({tolerance:g}), so whether a candidate is within tolerance "
+                   "cannot be told from seed noise. Add seeds, rows or steps, or raise --tolerance")
     if refused:
         lines.append(f"-> no recommendation: {refused}")
         return Recommendation(None, None, "\n".join(lines), refused)

@@ -1,7 +1,7 @@
 """Word-level NER end to end: build from words, label, train full and reduced, entity F1, predict.
 
     HF_HUB_OFFLINE=1 python examples/ner_end_to_end.py            # ~3-5 min on 2 CPU cores
-    python examples/ner_end_to_end.py --seeds 0,1,2 --epochs 10    # seed spread, longer training
+    python examples/ner_end_to_end.py --seeds 0,1,2 --epochs 20    # more seeds, longer training
 
 The data is `examples/data/ner_sentences.txt`: 209 short English sentences, hand-written and
 hand-labelled for this example with CoNLL-2003 entity types (PER, ORG, LOC, MISC) in IOB2 tags.
@@ -67,7 +67,7 @@ def load() -> tuple[list[dict], list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seeds", default="0,1")
