@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import erstore  # noqa: E402
-from consumers import FullModel, ReducedModel, train  # noqa: E402
-from consumers.metrics import entity_f1  # noqa: E402
-from erstore.labels import token_examples  # noqa: E402
+import erstore
+from consumers import FullModel, ReducedModel, train
+from consumers.metrics import entity_f1
+from erstore.labels import token_examples
 
 DATA = Path(__file__).resolve().parent / "data" / "ner_sentences.txt"
 TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

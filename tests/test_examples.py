@@ -14,7 +14,12 @@ from consumers.decode import best_answer, word_logits
 from consumers.metrics import entity_f1, squad_scores
 from consumers.sweep import Budget, prepare, score
 from erstore.errors import InvalidInputError, KeyNotFoundError
-from erstore.labels import IGNORE, sequence_examples, sequence_labels, token_examples, token_labels
+from erstore.labels import (
+    sequence_examples,
+    sequence_labels,
+    token_examples,
+    token_labels,
+)
 from tests.conftest import NER_ROWS, QA_ROWS, write_jsonl
 
 TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC"]
@@ -36,8 +41,8 @@ def stores(tiny_bert, tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     words = write_jsonl(root / "words.jsonl", [{"id": r["id"], "tokens": r["tokens"]} for r in ROWS])
     text = write_jsonl(root / "text.jsonl", [{"id": r["id"], "text": " ".join(r["tokens"])} for r in ROWS])
-    common = dict(model=str(tiny_bert), layers=(2,), dtype="float32", progress=False, max_length=32,
-                  id_field="id")
+    common = {"model": str(tiny_bert), "layers": (2,), "dtype": "float32", "progress": False, "max_length": 32,
+                  "id_field": "id"}
     erstore.build(corpus=str(words), store=str(root / "words"), words_field="tokens", **common)
     erstore.build(corpus=str(text), store=str(root / "text"), **common)
     return erstore.open(str(root / "words")), erstore.open(str(root / "text"))
@@ -176,7 +181,7 @@ def test_qa_answers_as_text_with_offsets(qa_store):
     # best_answer on constructed logits: the span with the best start+end score, as character offsets.
     w = store._tokenizer.detailed_windows([QA_ROWS[0]["question"]], [QA_ROWS[0]["context"]])[0][0]
     logits = np.full((len(w.ids), 2), -9.0)
-    gold = [i for i, (off, s) in enumerate(zip(w.offsets, w.sequence_ids)) if s == 1 and off[0] == 43][0]
+    gold = next(i for i, (off, s) in enumerate(zip(w.offsets, w.sequence_ids)) if s == 1 and off[0] == 43)
     logits[gold, :] = 9.0
     got = best_answer([logits], [w], QA_ROWS[0]["context"])
     assert (got["text"], got["start"], got["end"]) == ("Paris", 43, 48)
@@ -199,3 +204,45 @@ def test_cli_build_takes_a_words_field(tiny_bert, stores, tmp_path):
     fail = CliRunner().invoke(main, [*args[:-1], str(bad), "--words-field", "words", "--store", str(tmp_path / "b")])
     assert fail.exit_code != 0 and "bad.jsonl:1" in fail.output and "list of words" in fail.output
     assert not (tmp_path / "b" / "versions").exists()
+
+
+def test_qa_examples_one_per_window_and_unattachable_answers(qa_store):
+    from erstore.labels import qa_examples
+
+    store = erstore.open(str(qa_store))
+    examples = qa_examples(store, QA_ROWS + QA_ROWS[:1])  # a duplicate row stays its own example
+    assert examples.rows == 3 and [e.row for e in examples].count(2) == [e.row for e in examples].count(0)
+    assert sum(e.fields["start_positions"] > 0 for e in examples if e.row == 1) >= 1
+    with store.loader(labels=examples, batch_size=4) as loader:
+        assert sum(len(b["keys"]) for b in loader) == len(examples)
+    whole = dict(QA_ROWS[1], answers={"text": [QA_ROWS[1]["context"]], "answer_start": [0]})
+    with pytest.raises(InvalidInputError, match=r"row 1: the answer .* fits in none of the row's windows"):
+        qa_examples(store, [QA_ROWS[0], whole])
+    moved = dict(QA_ROWS[0], answers={"text": ["Paris"], "answer_start": [3]})
+    with pytest.raises(InvalidInputError, match=r"row 0: the answer 'Paris' is not at answer_start 3"):
+        qa_examples(store, [moved])
+
+
+def test_full_baseline_trains_through_the_same_loop(stores):
+    store = stores[0]
+    ids = {t: i for i, t in enumerate(TAGS)}
+    examples = token_examples(store, ROWS, labels_field="tags", label_to_id=ids)
+    full = FullModel.for_store(store, task="token", num_labels=len(TAGS), seed=0)
+    before = {n: p.detach().clone() for n, p in full.named_parameters()}
+    losses = train(full, store, examples, epochs=2, batch_size=4, lr=1e-3)
+    assert len(losses) == 2 * -(-len(examples) // 4)  # one loss per step, every example each epoch
+    moved = {n for n, p in full.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(n.startswith("base.embeddings.") for n in moved) and any("head" in n for n in moved)
+    # Its loss is the reduced model's token loss on the whole model's last hidden state.
+    from consumers.full import token_batches
+
+    batch = next(iter(token_batches(store, examples.keys[:3], [e.fields["labels"] for e in examples][:3],
+                                    batch_size=3)))
+    with torch.no_grad():
+        out = full(**batch)
+        h = full.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"]).last_hidden_state
+        logits = full.reduced.head(h, batch["attention_mask"])
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, len(TAGS)), batch["labels"].reshape(-1),
+                                                 ignore_index=-100)
+    assert torch.allclose(out.loss, want)
