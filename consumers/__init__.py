@@ -4,7 +4,8 @@
     store = erstore.open("stores/minilm-l3")
     model = consumers.ReducedModel.for_store(store, task="sequence", num_labels=2)
     consumers.add_adapters(model, bottleneck=64)        # optional: Houlsby adapters, tail frozen
-    consumers.train(model, store, sequence_examples(store, rows, by="doc"), epochs=3)
+    examples = erstore.labels.sequence_examples(store, rows, by="doc")   # one example per row
+    consumers.train(model, store, examples, epochs=3)
     model.predict(["new text"], store=store)
     full = consumers.FullModel.for_store(store, task="sequence", num_labels=2)   # the baseline
     consumers.train(full, store, examples, epochs=3)                             # same loop and loss
