@@ -4,14 +4,19 @@
     store = erstore.open("stores/minilm-l3")
     model = consumers.ReducedModel.for_store(store, task="sequence", num_labels=2)
     consumers.add_adapters(model, bottleneck=64)        # optional: Houlsby adapters, tail frozen
-    consumers.train(model, store, keys, labels, epochs=3)
+    examples = erstore.labels.sequence_examples(store, rows, by="doc")   # one example per row
+    consumers.train(model, store, examples, epochs=3)
     model.predict(["new text"], store=store)
+    full = consumers.FullModel.for_store(store, task="sequence", num_labels=2)   # the baseline
+    consumers.train(full, store, examples, epochs=3)                             # same loop and loss
 
 Modules: `base` (the Tail base class), `tail` (load_tail), `models/` (one module per model
 family, encoders and decoders), `registry` (model_type -> family; `register_family` and the
 `erstore.families` entry points add families from user code), `heads`, `lm` (decoders' LM
 head and causal-LM loss), `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
-load, predict), `train`, `recycle` (save-and-recycle training: compute in epoch 1, read after),
+load, predict), `full` (FullModel: the full fine-tuning baseline), `serving` (per-word tags and
+answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle`
+(save-and-recycle training: compute in epoch 1, read after),
 `cross` (cross-model recycling: a larger model's stored states feed a smaller model),
 `models.t5` (also the seq2seq reduced model). `erstore` never imports this package.
 """
@@ -29,6 +34,7 @@ from consumers.heads import (
 )
 from consumers.cross import CrossModel
 from consumers.recycle import RecycleReport, SaveAndRecycle, recipe_for, save_and_recycle
+from consumers.full import FullModel
 from consumers.lm import LMHead, load_lm_head
 from consumers.reduced import ReducedModel
 from consumers.registry import ENTRY_POINT_GROUP, FAMILIES, register_family, tail_class
@@ -36,7 +42,8 @@ from consumers.tail import Tail, load_tail
 from consumers.train import train
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "FAMILIES", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead", "QuestionAnsweringHead", "RecycleReport",
+    "ENTRY_POINT_GROUP", "FAMILIES", "FullModel", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead",
+    "QuestionAnsweringHead", "RecycleReport",
     "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
     "add_adapters", "add_lora", "load_lm_head", "load_tail", "load_transformers_head", "make_head", "recipe_for",
     "register_family", "save_and_recycle", "tail_class", "train", "trainable_state_dict",

@@ -1,18 +1,25 @@
-"""Task metrics in points (0-100) over per-window logits, as the layer-choice report uses them.
+"""Task metrics in points (0-100), computed over the user's rows as the standard scripts do.
 
-- `accuracy`: per labelled document/text, the logits of its windows averaged (as
+- `accuracy`: per labelled row (document/text), the logits of its windows averaged (as
   `ReducedModel.predict` does);
-- `token_f1`: micro F1 over labelled tokens whose gold or predicted tag is not the O tag (token
-  level, not seqeval's entity level);
-- `span_scores`: SQuAD-style bag-of-sub-tokens F1 and exact match of the best span over a
-  question's windows.
+- `entity_f1`: span-level micro F1 over BIO/IOB2 entities, computed by `seqeval` (the
+  CoNLL-style score transformers' NER examples report), over per-word tags;
+- `word_f1`: micro F1 over words whose gold or predicted tag is not the O tag (used only when
+  tags are bare integers without names, so entity spans cannot be read off them);
+- `squad_scores`: exact match and F1 as the official SQuAD v1.1 evaluation script computes them
+  (normalised answer text: lower case, no punctuation or articles; max over the gold answers).
+- `token_f1`, `span_scores`: the older sub-token level scores, kept for callers of 0.x.
 
-Not here: entity-level NER scoring, text-normalised (word-level) SQuAD scoring.
+Not here: SQuAD v2 no-answer scoring, seqeval's strict mode, or per-entity-type reports.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import re
+import string
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,6 +29,56 @@ def accuracy(logits: list[np.ndarray], groups: list[tuple[list[int], int]]) -> f
     return 100.0 * float(np.mean(hits))
 
 
+def entity_f1(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> float:
+    """seqeval's (span-level, micro) F1 of per-word BIO tags, in points."""
+    try:
+        from seqeval.metrics import f1_score
+    except ImportError as e:
+        from erstore.errors import InvalidInputError
+
+        raise InvalidInputError("entity F1 needs seqeval: pip install 'erstore[consumers]'") from e
+    return 100.0 * float(f1_score([list(g) for g in gold], [list(p) for p in pred]))
+
+
+def word_f1(gold: Sequence[Sequence[int]], pred: Sequence[Sequence[int]], *, o_label: int = 0) -> float:
+    """Micro F1 over words, counting a tag as positive when it is not `o_label`."""
+    tp = pred_pos = gold_pos = 0
+    for g, p in zip(gold, pred):
+        g, p = np.asarray(g), np.asarray(p)
+        tp += int(((p == g) & (g != o_label)).sum())
+        pred_pos += int((p != o_label).sum())
+        gold_pos += int((g != o_label).sum())
+    return 200.0 * tp / (pred_pos + gold_pos) if pred_pos + gold_pos else 100.0
+
+
+# -- SQuAD v1.1 (the official evaluate-v1.1.py, same normalisation and token F1) ----------------
+def normalize_answer(s: str) -> str:
+    """Lower text and remove punctuation, articles and extra whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(prediction: str, ground_truth: str) -> float:
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    common = collections.Counter(pred) & collections.Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> tuple[float, float]:
+    """(exact match, F1) in points: per question the best over its gold answers, then the mean."""
+    em = [max(float(normalize_answer(p) == normalize_answer(a)) for a in golds)
+          for p, golds in zip(predictions, answers)]
+    f1 = [max(squad_f1(p, a) for a in golds) for p, golds in zip(predictions, answers)]
+    return 100.0 * float(np.mean(em)), 100.0 * float(np.mean(f1))
+
+
+# -- sub-token level (0.x) --------------------------------------------------------------------
 def token_f1(logits: list[np.ndarray], gold: list[np.ndarray], *, o_label: int = 0) -> float:
     """Micro F1 over labelled tokens, counting a tag as positive when it is not `o_label`."""
     tp = pred_pos = gold_pos = 0

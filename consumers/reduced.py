@@ -6,7 +6,9 @@
 and `trainable.safetensors` holding only the parameters that train; `load(folder)` reloads the
 recipe's model, checks its fingerprint, rebuilds adapters and head and loads those weights.
 `predict(texts, store=...)` reads stored states where the text's windows are in the store and
-computes layers 0..k with the recipe's model where they are not (optionally writing them back).
+computes layers 0..k with the recipe's model where they are not (optionally writing them back);
+`predict_words` (one tag per word) and `predict_answers` (answer text and offsets) come from
+`consumers.serving.Serving` on top of `window_logits`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from consumers.adapters import add_adapters, add_lora, trainable_state_dict
 from consumers.heads import HEADS, head_for_tail
 from consumers.lm import causal_labels
+from consumers.serving import Serving
 from consumers.tail import Tail, load_tail
 from erstore.errors import IncompatibleStoreError
 from erstore.manifest import Recipe
@@ -49,7 +52,7 @@ def round_trip(codec: Any, states: np.ndarray, params: dict[str, Any] | None = N
     return np.asarray(codec.decode(codec.encode(states, params), params))
 
 
-class ReducedModel(nn.Module):
+class ReducedModel(nn.Module, Serving):
     """Layers k..N-1 of the store's model and a head; see the module docstring."""
 
     def __init__(self, tail: Tail, head: nn.Module):
@@ -184,6 +187,12 @@ class ReducedModel(nn.Module):
     def states_for(self, texts: list[str], *, store: Any, pairs: list[str] | None = None,
                    write_back: bool = False) -> list[list[np.ndarray]]:
         """Layer-k states of every window of every text: read on a hit, computed on a miss."""
+        windows = [store.tokenize(t, None if pairs is None else pairs[i]) for i, t in enumerate(texts)]
+        return self.states_for_windows(windows, store=store, write_back=write_back)
+
+    def states_for_windows(self, windows: list[list[tuple[list[int], int]]], *, store: Any,
+                           write_back: bool = False) -> list[list[np.ndarray]]:
+        """Layer-k states of token windows (ids, pair boundary), as `states_for` returns them."""
         from erstore.builder import length_batches
         from erstore.keys import window_key
 
@@ -241,13 +250,12 @@ class ReducedModel(nn.Module):
         return self._extractor
 
     @torch.no_grad()
-    def predict(self, texts: list[str], *, store: Any, pairs: list[str] | None = None,
-                write_back: bool = False, batch_size: int = 32) -> list[Any]:
-        """Logits per text: sequence tasks average their windows' logits ([num_labels]);
-        token and QA tasks give one array per window ([n_tokens, num_labels] / [n_tokens, 2])."""
+    def window_logits(self, windows: list[list[tuple[list[int], int]]], *, store: Any,
+                      write_back: bool = False, batch_size: int = 32) -> list[list[np.ndarray]]:
+        """Per text, per window: logits ([num_labels], [n_tokens, num_labels] or [n_tokens, 2])."""
         from consumers.data import PadCollate
 
-        per_text = self.states_for(texts, store=store, pairs=pairs, write_back=write_back)
+        per_text = self.states_for_windows(windows, store=store, write_back=write_back)
         flat = [s for ws in per_text for s in ws]
         collate, logits = PadCollate(), []
         self.eval()
@@ -260,6 +268,15 @@ class ReducedModel(nn.Module):
                 logits.append(values[row].numpy() if values.dim() == 2 else values[row, : len(s)].numpy())
         results, i = [], 0
         for ws in per_text:
-            mine, i = logits[i : i + len(ws)], i + len(ws)
-            results.append(np.mean(mine, axis=0) if self.task == "sequence" else mine)
+            results.append(logits[i : i + len(ws)])
+            i += len(ws)
         return results
+
+    def predict(self, texts: list[str], *, store: Any, pairs: list[str] | None = None,
+                write_back: bool = False, batch_size: int = 32) -> list[Any]:
+        """Logits per text: sequence tasks average their windows' logits ([num_labels]);
+        token and QA tasks give one array per window ([n_tokens, num_labels] / [n_tokens, 2]).
+        For one tag per word use `predict_words`; for answer text, `predict_answers`."""
+        windows = [store.tokenize(t, None if pairs is None else pairs[i]) for i, t in enumerate(texts)]
+        per_text = self.window_logits(windows, store=store, write_back=write_back, batch_size=batch_size)
+        return [np.mean(mine, axis=0) if self.task == "sequence" else mine for mine in per_text]

@@ -3,8 +3,10 @@
 Only parameters with requires_grad train: after `add_adapters`/`add_lora` that is adapters and
 head; on a bare ReducedModel it is the whole tail and head (the paper's "R" setting).
 
-`train` takes either a store with keys and labels (it builds a `consumers.data` loader), or any
-iterable of batches whose fields the model's forward accepts, e.g. `store.loader(...)` from
+`train` takes either a store with `erstore.labels.Examples` (or keys and one label per key; it
+builds a `consumers.data` loader of stored states, or of stored token ids for the full
+fine-tuning baseline `consumers.full.FullModel`, so both train through this one loop, loss and
+budget), or any iterable of batches whose fields the model's forward accepts, e.g. `store.loader(...)` from
 `erstore.torchdata` (prefetching, block-shuffled, resumable) or a torch DataLoader. For
 `transformers.Trainer`, pass `consumers.data.StoreDataset` as train_dataset and
 `consumers.data.PadCollate()` as data_collator: ReducedModel.forward takes the collate's keys
@@ -14,6 +16,7 @@ in `consumers.recycle`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -50,25 +53,60 @@ def _store_of(data: Any) -> Any:
     return store if hasattr(store, "recipe") else None
 
 
-def train(model: torch.nn.Module, data: Any, keys: Sequence[str] | None = None,
+def label_values(examples: Any) -> list[Any]:
+    """One label per example as `consumers.data` collates it: a value, a token array, or (start, end)."""
+    out = []
+    for fields in examples.fields:
+        out.append((fields["start_positions"], fields["end_positions"]) if "start_positions" in fields
+                   else fields["labels"])
+    return out
+
+
+def store_batches(model: torch.nn.Module, store: Any, keys: Sequence[str], labels: Sequence[Any], *,
+                  batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> Iterable[dict[str, Any]]:
+    """Batches for `model` from a store: token ids for a full model, layer-k states otherwise."""
+    if getattr(model, "needs_token_ids", False):
+        from consumers.full import token_batches
+
+        return token_batches(store, keys, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    return loader(store, keys, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+
+def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict[str, Any]],
+               epochs: int) -> tuple[list[float], list[float]]:
+    """The training loop: `epochs` passes over `batches`; (loss of every step, seconds of each epoch)."""
+    losses: list[float] = []
+    seconds: list[float] = []
+    model.train()
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for batch in batches:
+            losses.append(step(model, optimizer, batch))
+        seconds.append(time.perf_counter() - start)
+    model.eval()
+    return losses, seconds
+
+
+def train(model: torch.nn.Module, data: Any, keys: Any = None,
           labels: Sequence[Any] | None = None, *, epochs: int = 1, batch_size: int = 16, lr: float = 1e-3,
           weight_decay: float = 0.0, seed: int = 0,
           optimizer: torch.optim.Optimizer | None = None) -> list[float]:
     """Train in place with AdamW; returns the loss of every step.
 
     Args:
-        data: an `erstore.Store` (then `keys` and `labels`, one label per key, are required), or
-            an iterable of batches such as `store.loader(labels=..., shuffle=True)`; it is
-            iterated once per epoch (an erstore Loader moves on to its next epoch by itself).
+        data: an `erstore.Store` (then `keys` is an `erstore.labels.Examples`, or a list of keys
+            with `labels`, one label per key), or an iterable of batches such as
+            `store.loader(labels=examples, shuffle=True)`; it is iterated once per epoch (an
+            erstore Loader moves on to its next epoch by itself).
         optimizer: continue with this optimizer instead of a fresh AdamW(lr, weight_decay).
 
     Raises IncompatibleStoreError if the store (or the loader's store) holds another model's or
     another layer's states than the model's tail expects, as `ReducedModel.predict` does.
 
     Example:
-        >>> with store.loader(labels=sequence_labels(store, rows, by="doc"), batch_size=32,
-        ...                   shuffle=True) as batches:
-        ...     train(model, batches, epochs=3)
+        >>> examples = token_examples(store, "train.jsonl")
+        >>> train(ReducedModel.for_store(store, task="token", num_labels=9), store, examples, epochs=3)
+        >>> train(FullModel.for_store(store, task="token", num_labels=9), store, examples, epochs=3)
     """
     torch.manual_seed(seed)
     store = _store_of(data)
@@ -76,19 +114,15 @@ def train(model: torch.nn.Module, data: Any, keys: Sequence[str] | None = None,
         model.check_store(store)  # a store of another model or layer would train silently wrong
     optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay)
     if hasattr(data, "recipe") and hasattr(data, "read"):  # an erstore Store
+        if hasattr(keys, "keys_and_fields") and labels is None:  # erstore.labels.Examples
+            keys, labels = keys.keys, label_values(keys)
         if keys is None or labels is None:
-            raise ValueError("train(model, store, keys, labels): give the keys and one label per key, "
-                             "or pass store.loader(labels=...) instead of the store")
-        batches: Iterable[dict[str, Any]] = loader(data, keys, labels, batch_size=batch_size,
-                                                   shuffle=True, seed=seed)
+            raise ValueError("train(model, store, examples): give erstore.labels examples (or keys and "
+                             "one label per key), or pass store.loader(labels=...) instead of the store")
+        batches: Iterable[dict[str, Any]] = store_batches(model, data, list(keys), labels,
+                                                          batch_size=batch_size, shuffle=True, seed=seed)
     elif keys is not None or labels is not None:
         raise ValueError("keys and labels are only used with a store; a loader brings its own labels")
     else:
         batches = data
-    losses: list[float] = []
-    model.train()
-    for _ in range(epochs):
-        for batch in batches:
-            losses.append(step(model, optimizer, batch))
-    model.eval()
-    return losses
+    return run_epochs(model, optimizer, batches, epochs)[0]

@@ -54,12 +54,12 @@ class BuildConfig:
     text_field: str = "text"
     pair_field: str | None = None
     id_field: str | None = None
+    words_field: str | None = None  # JSONL list of words, tokenized with is_split_into_words
     limit: int | None = None
     progress: bool = True
     store_options: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     format: str | None = None  # corpus format; default: by file extension
-    words_field: str | None = None
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, int) else self.layers
@@ -191,7 +191,9 @@ def _tokenize(docs: list, windower: Windower, writers: dict[int, StoreWriter]) -
         pairs = [d.pair for d in part] if part[0].pair is not None else None
         if pairs is not None and any(p is None for p in pairs):
             raise InvalidInputError("some documents have a text pair and some do not; give all or none")
-        for doc, windows in zip(part, windower.windows_batch([d.text for d in part], pairs)):
+        split = getattr(part[0], "words", None) is not None  # pre-tokenized (--words-field)
+        texts = [d.words for d in part] if split else [d.text for d in part]
+        for doc, windows in zip(part, windower.windows_batch(texts, pairs, split_words=split)):
             keys = [window_key(ids, b) for ids, b in windows]
             for writer in writers.values():
                 writer.add_document(doc.id, keys)

@@ -170,11 +170,22 @@ class Windower:
             )
         return cls(tokenizer, recipe.max_length, recipe.stride)
 
-    def windows(self, text: str, pair: str | None = None) -> list[tuple[list[int], int]]:
-        return self.windows_batch([text], None if pair is None else [pair])[0]
+    def windows(self, text: str | list[str], pair: str | None = None) -> list[tuple[list[int], int]]:
+        """Windows of one text, or of one pre-tokenized text (a list of words, no pair)."""
+        if isinstance(text, str):
+            return self.windows_batch([text], None if pair is None else [pair])[0]
+        return self.windows_batch([list(text)], None, split_words=True)[0]
 
-    def _encode(self, texts: list[str], pairs: list[str] | None, **extra: Any) -> Any:
-        """The one tokenizer call that defines windows; `extra` may only add outputs (offsets)."""
+    def _encode(self, texts: list[str] | list[list[str]], pairs: list[str] | None, *,
+                split_words: bool = False, **extra: Any) -> Any:
+        """The one tokenizer call that defines windows; `extra` may only add outputs (offsets).
+
+        `split_words`: `texts` are lists of words, tokenized with `is_split_into_words` as
+        transformers' token-classification examples do (for WordPiece tokenizers the ids equal
+        those of the words joined by spaces; byte-level BPE needs `add_prefix_space`).
+        """
+        if split_words and pairs is not None:
+            raise InvalidInputError("pre-tokenized input (a words field) cannot have a text pair")
         try:
             return self.tokenizer(
                 texts,
@@ -185,17 +196,23 @@ class Windower:
                 return_overflowing_tokens=True,
                 return_attention_mask=False,
                 return_token_type_ids=False,
+                is_split_into_words=split_words,
                 **extra,
             )
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise InvalidInputError(
                 f"cannot tokenize with max_length={self.max_length}, stride={self.stride}: {e}. "
                 "For text pairs the first text must fit in max_length with room for the second"
+                + ("; for pre-tokenized words, a byte-level BPE tokenizer needs add_prefix_space=True"
+                   if split_words else "")
             ) from e
 
-    def windows_batch(self, texts: list[str], pairs: list[str] | None = None) -> list[list[tuple[list[int], int]]]:
-        """For each text (or pair), its windows as (token ids, boundary); boundary 0 for single texts."""
-        enc = self._encode(texts, pairs)
+    def windows_batch(self, texts: list[str] | list[list[str]], pairs: list[str] | None = None, *,
+                      split_words: bool = False) -> list[list[tuple[list[int], int]]]:
+        """For each text (or pair), its windows as (token ids, boundary); boundary 0 for single texts.
+
+        With `split_words`, each text is a list of words (see `_encode`)."""
+        enc = self._encode(texts, pairs, split_words=split_words)
         out: list[list[tuple[list[int], int]]] = [[] for _ in texts]
         for i, doc in enumerate(enc["overflow_to_sample_mapping"]):
             boundary = 0
@@ -205,25 +222,29 @@ class Windower:
             out[doc].append((enc["input_ids"][i], boundary))
         return out
 
-    def detailed_windows(self, texts: list[str], pairs: list[str] | None = None) -> list[list[Window]]:
-        """Like `windows_batch`, plus each token's character offsets and segment (for label alignment)."""
-        enc = self._encode(texts, pairs, return_offsets_mapping=True)
+    def detailed_windows(self, texts: list[str] | list[list[str]], pairs: list[str] | None = None, *,
+                         split_words: bool = False) -> list[list[Window]]:
+        """Like `windows_batch`, plus each token's character offsets, segment and word (for labels)."""
+        enc = self._encode(texts, pairs, split_words=split_words, return_offsets_mapping=True)
         out: list[list[Window]] = [[] for _ in texts]
         for i, doc in enumerate(enc["overflow_to_sample_mapping"]):
             seq_ids = enc.encodings[i].sequence_ids
             boundary = 0
             if pairs is not None:
                 boundary = next((p for p, s in enumerate(seq_ids) if s == 1), len(seq_ids))
-            out[doc].append(Window(enc["input_ids"][i], boundary, enc["offset_mapping"][i], seq_ids))
+            out[doc].append(Window(enc["input_ids"][i], boundary, enc["offset_mapping"][i], seq_ids,
+                                   enc.encodings[i].word_ids))
         return out
 
 
 @dataclass(frozen=True)
 class Window:
     """One window of a text: token ids, pair boundary, and per token its (start, end) character
-    offsets into its own segment and its segment (0 first text, 1 pair, None special token)."""
+    offsets into its own segment (into its own word for pre-tokenized input), its segment (0 first
+    text, 1 pair, None special token) and its word index (None for special tokens)."""
 
     ids: list[int]
     boundary: int
     offsets: list[tuple[int, int]]
     sequence_ids: list[int | None]
+    word_ids: list[int | None] | None = None

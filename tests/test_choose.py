@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.conftest import NER_ROWS, QA_ROWS, SENTENCES, write_jsonl
 
 WORDS = "red green blue cyan magenta yellow black white".split()
 TINY = Budget(epochs=1, seeds=(0, 1), max_train=24, max_dev=12, batch_size=8, eval_batch_size=8, lr=1e-3,
-              threads=1)
+              threads=1, min_steps=0)
 
 
 def rows() -> list[dict]:
@@ -91,7 +92,8 @@ def test_report_has_every_field_and_follows_the_rule(layers, tmp_path):
         erstore.open(str(layers / "stores" / f"layer-{k}")).info()["bytes"] for k in (1, 2, 3)]
     assert report.train_examples == 16 and report.dev_examples == 12
     want = recommend([(r.name, r.layer, r.metric) for r in report.candidates], report.reference.metric, 0.5,
-                     reference_name="k=0")
+                     reference_name="k=0", reference_spread=report.reference.spread,
+                     spreads={r.name: r.spread for r in report.candidates}, trivial=report.trivial)
     assert report.recommendation == want
     if want.layer is not None:
         chosen = next(r for r in report.candidates if r.name == want.name)
@@ -113,7 +115,8 @@ def test_report_has_every_field_and_follows_the_rule(layers, tmp_path):
 
 def test_same_seeds_give_identical_metrics(layers):
     stores = [layers / "stores" / f"layer-{k}" for k in (2, 3)]
-    budget = Budget(epochs=1, seeds=(5, 6), max_train=24, max_dev=12, batch_size=8, lr=1e-3, threads=1)
+    budget = Budget(epochs=1, seeds=(5, 6), max_train=24, max_dev=12, batch_size=8, lr=1e-3, threads=1,
+                    min_steps=0)
     a = choose_layer(stores, task="classification", train=layers / "train.jsonl", dev=layers / "dev.jsonl",
                      budget=budget)
     b = choose_layer(stores, task="classification", train=layers / "train.jsonl", dev=layers / "dev.jsonl",
@@ -125,11 +128,11 @@ def test_same_seeds_give_identical_metrics(layers):
 
 def test_ner_and_qa_reports(read_store, qa_store):
     ner = choose_layer([read_store], task="ner", train=NER_ROWS, dev=NER_ROWS, budget=TINY)
-    assert ner.metric_name == "token F1" and [r.name for r in ner.candidates] == ["k=2"]
+    assert ner.metric_name == "word F1" and [r.name for r in ner.candidates] == ["k=2"]
     check_row(ner.reference, reference=True)
     check_row(ner.candidates[0])
     qa = choose_layer([qa_store], task="qa", train=QA_ROWS, dev=QA_ROWS, budget=TINY, reference="full")
-    assert qa.metric_name == "span F1" and qa.dev_examples == len(erstore.open(str(qa_store)))
+    assert qa.metric_name == "F1" and qa.dev_examples == len(erstore.open(str(qa_store)))
     check_row(qa.candidates[0])
     assert 0 <= qa.candidates[0].extra["exact_match"] <= qa.candidates[0].metric
 
@@ -171,6 +174,7 @@ def test_cli_json_and_errors(layers, tmp_path):
     args = [str(layers / "stores" / "layer-3"), "--task", "classification", "--train",
             str(layers / "train.jsonl"), "--dev", str(layers / "dev.jsonl"), "--epochs", "1", "--seeds", "0,1",
             "--max-train", "24", "--max-dev", "12", "--batch-size", "8", "--lr", "1e-3", "--reference", "none",
+            "--min-steps", "0",
             "--plot", str(tmp_path / "p.png")]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
@@ -180,3 +184,77 @@ def test_cli_json_and_errors(layers, tmp_path):
     png_chunks(tmp_path / "p.png")
     bad = CliRunner().invoke(main, [*args[:-2], "--seeds", "1,1"])
     assert bad.exit_code == 2 and "distinct seeds" in bad.output
+
+
+def test_refuses_when_the_reference_is_untrained_or_unstable(layers):
+    # lr=0: nothing trains, so the reference is no better than always answering the majority class.
+    budget = Budget(epochs=1, seeds=(0, 1), max_train=24, max_dev=12, batch_size=8, lr=0.0, threads=1, min_steps=0)
+    report = choose_layer(layers / "stores", task="classification", train=layers / "train.jsonl",
+                          dev=layers / "dev.jsonl", budget=budget)
+    assert report.trivial[0] == "majority class" and report.reference.metric <= report.trivial[1] + 0.5
+    rec = report.recommendation
+    assert rec.layer is None and rec.refused and "did not learn" in rec.reason
+    assert "trivial baseline" in report.table() and report.to_dict()["recommendation"]["refused"]
+
+
+def test_recommend_refuses_and_reports_the_seed_spread():
+    rows = [("k=1", 1, 90.0), ("k=2", 2, 89.6), ("k=3", 3, 89.0)]
+    untrained = recommend(rows, 50.0, 0.5, trivial=("majority class", 50.0))
+    assert untrained.layer is None and "did not learn" in untrained.refused
+    unstable = recommend(rows, 90.0, 0.5, reference_spread=2.0)
+    assert unstable.layer is None and "disagree by 2.00" in unstable.refused
+    rec = recommend(rows, 90.0, 0.5, reference_spread=0.4, spreads={"k=2": 0.3, "k=3": 0.8},
+                    trivial=("majority class", 50.0))
+    assert rec.layer == 2 and rec.refused is None
+    assert "k=3" in rec.reason and "within the seed spread (0.80)" in rec.reason  # 89.6 vs 89.0
+    assert re.search(r"k=2 +89.60 \(-0.40 \(within the seed spread\)\)", rec.reason)
+    clear = recommend(rows, 90.0, 0.5, spreads={"k=3": 0.1})
+    assert clear.layer == 2 and "note:" not in clear.reason
+
+
+def test_timing_warnings():
+    from consumers.choose import Result, timing_warnings
+
+    def row(name, layer, seconds, load=0.5):
+        return Result(name, layer, None, 50.0, 0.0, {"0": 50.0}, {}, seconds, 0.01, None, None, 0, 0.0, 1.0,
+                      0.0, load)
+
+    ref = row("full model", None, 4.0)
+    assert timing_warnings(ref, [row("k=1", 1, 3.0), row("k=2", 2, 2.0)], cores=2) == []
+    busy = timing_warnings(ref, [row("k=1", 1, 3.0, load=5.0)], cores=2)
+    assert len(busy) == 1 and "busy" in busy[0] and "5.0 on 2 cores" in busy[0]
+    order = timing_warnings(ref, [row("k=1", 1, 2.0), row("k=2", 2, 3.0), row("k=3", 3, 5.0)], cores=2)
+    assert any("k=2" in w and "slower than k=1" in w for w in order)
+    assert any("k=3 trained slower than full model" in w for w in order)
+
+
+def test_standard_metrics():
+    from consumers.metrics import entity_f1, normalize_answer, squad_scores
+
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    assert entity_f1(gold, gold) == 100.0
+    assert entity_f1(gold, [["B-PER", "O", "O", "B-LOC"]]) == 50.0  # span-level: PER is cut short
+    assert entity_f1(gold, [["O"] * 4]) == 0.0
+    # The SQuAD v1.1 script: normalised text, token F1, best over the gold answers.
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert squad_scores(["the Eiffel Tower!"], [["Eiffel tower"]]) == (100.0, 100.0)
+    em, f1 = squad_scores(["in Paris France", "Rome"], [["Paris"], ["Milan", "rome"]])
+    assert em == 50.0 and f1 == pytest.approx((50.0 + 100.0) / 2)
+
+
+def test_cli_field_options_reach_the_labelling(read_store, qa_store, tmp_path):
+    from click.testing import CliRunner
+
+    ner = write_jsonl(tmp_path / "ner.jsonl", NER_ROWS)
+    common = ["--epochs", "1", "--seeds", "0", "--min-steps", "0", "--batch-size", "8", "--lr", "1e-3"]
+    bad = CliRunner().invoke(main, [str(read_store), "--task", "ner", "--train", str(ner), "--dev", str(ner),
+                                    "--text-field", "sentence", *common])
+    assert bad.exit_code == 2 and "no field 'sentence'" in bad.output
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": r["question"], **r} for r in QA_ROWS])
+    bad = CliRunner().invoke(main, [str(qa_store), "--task", "qa", "--train", str(qa), "--dev", str(qa),
+                                    "--question-field", "query", *common])
+    assert bad.exit_code == 2 and "no field 'query'" in bad.output
+    ok = CliRunner().invoke(main, [str(qa_store), "--task", "qa", "--train", str(qa), "--dev", str(qa),
+                                   "--question-field", "q", "--reference", "none", "--json", *common])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["dev_rows"] == len(QA_ROWS)

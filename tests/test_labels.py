@@ -34,7 +34,7 @@ def test_sequence_labels_by_key_doc_and_text(read_store, tmp_path, label_rows):
     assert sequence_labels(store, [{"key": key, "label": 5}]) == {key: {"labels": 5}}
     with pytest.raises(KeyError):
         sequence_labels(store, {"0" * 32: 1})
-    with pytest.raises(InvalidInputError, match="two different labels"):
+    with pytest.raises(InvalidInputError, match="different labels"):
         sequence_labels(store, [{"text": SENTENCES[0], "label": 1}, {"text": SENTENCES[0], "label": 2}], by="text")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from erstore.errors import ErstoreError, KeyNotFoundError
+from erstore.errors import ErstoreError, InvalidInputError, KeyNotFoundError
 from erstore.store import Entry, Store
 
 _FORKED = False  # set in children forked after this module was imported (TensorStore unusable)
@@ -48,7 +48,8 @@ class StoreDataset(Dataset):
         store: an open `Store`, or a store path/URL (opened at `version`).
         keys: which sequences, in order (default: all with labels if `labels` is given, else all).
         labels: key -> label fields (`{"labels": 3}`, or a bare value meaning `{"labels": value}`),
-            e.g. from `erstore.labels`. Fields are added to each item.
+            e.g. from `erstore.labels`, or an `erstore.labels.Examples` list (one item per
+            example; several examples may share a stored window). Fields are added to each item.
         dtype: torch dtype of `hidden_states` items (decoded from the stored dtype).
     Raises KeyNotFoundError if a key is not in the store version.
     """
@@ -63,7 +64,14 @@ class StoreDataset(Dataset):
         self.dtype = dtype
         self._pid = os.getpid()
         self._local: Any = None
-        if keys is None and labels is not None:
+        examples = getattr(labels, "keys_and_fields", None)
+        if callable(examples):  # erstore.labels.Examples: one item per example, keys may repeat
+            if keys is not None:
+                raise InvalidInputError("labels= is a list of examples, which names its own keys; "
+                                        "leave out keys= (or select examples before passing them)")
+            keys, labels = examples()
+            labels = dict(enumerate(labels))  # looked up by item index below
+        elif keys is None and labels is not None:
             keys = list(labels)
         if keys is None:
             self.positions = np.arange(len(self._store), dtype=np.int64)
@@ -81,7 +89,8 @@ class StoreDataset(Dataset):
         if labels is not None:
             keys_ = self.keys or list(self._store)
             try:
-                self.fields = [_as_fields(labels[k]) for k in keys_]
+                self.fields = ([_as_fields(labels[i]) for i in range(len(keys_))] if callable(examples)
+                               else [_as_fields(labels[k]) for k in keys_])
             except KeyError as e:
                 raise KeyNotFoundError(f"key {e.args[0]} has no entry in `labels`; pass keys= with "
                                        "only labelled keys, or label every key") from e
