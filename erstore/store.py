@@ -115,20 +115,26 @@ class PendingRead:
         """Per merged span, once its reads finish: (build slot, first stored row, indices of the
         positions asked that lie in it, stored parts and token ids of its rows). Readers that lay
         out batches themselves (erstore.torchdata) take the rows from here."""
-        for (slot, start, _, members), (fs, ft) in zip(self._spans, self._futures):
-            yield slot, start, members, {name: f.result() for name, f in fs.items()}, ft.result()
+        for (slot, start, stop, members), futures in zip(self._spans, self._futures):
+            parts, tokens = self._wait(slot, start, stop, members, futures)
+            yield slot, start, members, parts, tokens
 
     def _fetched(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[int, int, int]]]]:
         """Per span: its build slot, stored parts, token ids, and (member, first, end) rows in it."""
-        for (slot, start, stop, members), (fs, ft) in zip(self._spans, self._futures):
-            try:
-                parts = {name: f.result() for name, f in fs.items()}
-                tokens = ft.result()
-            except ValueError as e:  # DATA_LOSS (crc32c), a missing chunk, an undecodable chunk
-                where = f"{self._store.location.url}/arrays/{self._store.index.arrays[slot]} rows {start}..{stop}"
-                raise read_error(where, self._keys[members[0]], self._store.location.url, e) from e
+        for (slot, start, stop, members), futures in zip(self._spans, self._futures):
+            parts, tokens = self._wait(slot, start, stop, members, futures)
             rows = [(i, self._starts[i] - start, self._stops[i] - start) for i in members]
             yield slot, parts, tokens, rows
+
+    def _wait(self, slot: int, start: int, stop: int, members: list[int],
+              futures: tuple[dict[str, Any], Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One span's stored parts and token ids; damage raises CorruptStoreError naming a key."""
+        fs, ft = futures
+        try:
+            return {name: f.result() for name, f in fs.items()}, ft.result()
+        except ValueError as e:  # DATA_LOSS (crc32c), a missing chunk, an undecodable chunk
+            where = f"{self._store.location.url}/arrays/{self._store.index.arrays[slot]} rows {start}..{stop}"
+            raise read_error(where, self._keys[members[0]], self._store.location.url, e) from e
 
 
 def read_meta(location: Location) -> StoreMeta:
