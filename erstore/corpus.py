@@ -1,6 +1,8 @@
 """Reading a corpus: JSONL or plain text files, and the built-in default corpus.
 
-A corpus is a list of `Document`s (id, text, optional pair). JSONL fields are configurable; a
+A corpus is a stream of `Document`s (id, text, optional pair): `iter_corpus` reads one file, a
+directory or a glob of shard files incrementally, and `shard=(rank, world)` yields one rank's
+share (whole files when there are enough, else every world-th document; ids stay global). JSONL fields are configurable; a
 plain-text file holds one document per line. Errors name the file, the line and the fix, and
 are raised before any model compute.
 
@@ -30,6 +32,87 @@ class Document:
     id: str
     text: str
     pair: str | None = None
+    words: tuple[str, ...] | None = None
+
+
+def _files(source: str | os.PathLike[str]) -> list[Path]:
+    """The files of a corpus source: one file, every file of a directory, or a glob, sorted."""
+    text = os.fspath(source)
+    p = Path(text)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    elif any(c in text for c in "*?["):
+        import glob
+
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
+    else:
+        files = [p] if p.is_file() else []
+    if not files:
+        raise InvalidInputError(f"corpus {text} does not exist or holds no files; pass --corpus a .jsonl "
+                                "or .txt file, a folder or a glob of them")
+    return files
+
+
+def iter_corpus(source, *, format: str | None = None, text_field: str = "text", pair_field: str | None = None,
+                id_field: str | None = None, words_field: str | None = None, limit: int | None = None,
+                shard: tuple[int, int] = (0, 1)):
+    """Stream the documents of `source` (file, directory, glob, default-corpus name, or an
+    iterable of Documents); never the whole corpus in memory.
+
+    With `shard=(rank, world)` only that rank's documents come out: whole files when there are at
+    least `world` files (the others are not opened), else every `world`-th document. Ids are the
+    same whatever the shard count: `id_field`, else the line number (prefixed by the file when
+    there are several files). `limit` counts documents of the whole corpus, before sharding.
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise InvalidInputError(f"shard {shard} is not (rank, world) with 0 <= rank < world")
+    if not isinstance(source, (str, os.PathLike)):
+        docs = iter(source)
+    elif os.fspath(source) == DEFAULT_CORPUS:
+        docs = iter(default_corpus(limit or DEFAULT_CORPUS_SIZE))
+    else:
+        docs = None
+    if docs is not None:
+        for i, doc in enumerate(docs):
+            if limit is not None and i >= limit:
+                return
+            if i % world == rank:
+                yield doc
+        return
+    files = _files(source)
+    by_file = len(files) >= world and limit is None
+    count = 0
+    for n, f in enumerate(files):
+        if by_file and n % world != rank:
+            continue
+        prefix = f"{f.relative_to(Path(os.fspath(source))) if Path(os.fspath(source)).is_dir() else f.name}:" \
+            if len(files) > 1 else ""
+        for doc in _iter_file(f, text_field, pair_field, id_field, prefix):
+            if limit is not None and count >= limit:
+                return
+            if by_file or count % world == rank:
+                yield doc
+            count += 1
+
+
+def check_corpus(source, *, format: str | None = None, text_field: str = "text", pair_field: str | None = None,
+                 id_field: str | None = None, words_field: str | None = None, **_: object) -> None:
+    """Cheap preflight before any model is loaded: the source exists and its first record parses."""
+    for _doc in iter_corpus(source, format=format, text_field=text_field, pair_field=pair_field,
+                            id_field=id_field, limit=1):
+        return
+    raise InvalidInputError(f"corpus {source} holds no documents; add text or pick another file")
+
+
+def _iter_file(p: Path, text_field: str, pair_field: str | None, id_field: str | None, prefix: str):
+    if p.suffix in (".jsonl", ".json", ".ndjson"):
+        yield from _read_jsonl(p, text_field, pair_field, id_field, prefix)
+        return
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                yield Document(f"{prefix}{i}", line.rstrip("\n"))
 
 
 def read_corpus(path: str | os.PathLike[str], *, text_field: str = "text", pair_field: str | None = None,
@@ -41,7 +124,7 @@ def read_corpus(path: str | os.PathLike[str], *, text_field: str = "text", pair_
     if not p.is_file():
         raise InvalidInputError(f"corpus file {p} does not exist; pass --corpus a .jsonl or .txt file")
     if p.suffix in (".jsonl", ".json", ".ndjson"):
-        docs = _read_jsonl(p, text_field, pair_field, id_field)
+        docs = list(_read_jsonl(p, text_field, pair_field, id_field))
     else:
         with p.open(encoding="utf-8") as f:
             docs = [Document(str(i), line.rstrip("\n")) for i, line in enumerate(f) if line.strip()]
@@ -52,8 +135,8 @@ def read_corpus(path: str | os.PathLike[str], *, text_field: str = "text", pair_
     return docs
 
 
-def _read_jsonl(p: Path, text_field: str, pair_field: str | None, id_field: str | None) -> list[Document]:
-    docs = []
+def _read_jsonl(p: Path, text_field: str, pair_field: str | None, id_field: str | None,
+                prefix: str = ""):
     seen_ids: set[str] = set()
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -67,12 +150,12 @@ def _read_jsonl(p: Path, text_field: str, pair_field: str | None, id_field: str 
                 raise InvalidInputError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
             text = _field(row, text_field, p, lineno, "--text-field")
             pair = _field(row, pair_field, p, lineno, "--pair-field") if pair_field else None
-            doc_id = str(_field(row, id_field, p, lineno, "--id-field")) if id_field else str(lineno - 1)
-            if doc_id in seen_ids:
-                raise InvalidInputError(f"{p}:{lineno}: duplicate document id {doc_id!r} in field {id_field!r}")
-            seen_ids.add(doc_id)
-            docs.append(Document(doc_id, text, pair))
-    return docs
+            doc_id = str(_field(row, id_field, p, lineno, "--id-field")) if id_field else f"{prefix}{lineno - 1}"
+            if id_field:  # line numbers are unique anyway; do not hold a set of them
+                if doc_id in seen_ids:
+                    raise InvalidInputError(f"{p}:{lineno}: duplicate document id {doc_id!r} in field {id_field!r}")
+                seen_ids.add(doc_id)
+            yield Document(doc_id, text, pair)
 
 
 def _field(row: dict, name: str | None, p: Path, lineno: int, flag: str) -> str:
