@@ -143,7 +143,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 model_type=extractor.config.model_type, tokenizer_name=config.model,
                 config=extractor.config.to_diff_dict(),
             )
-            writers[k] = writer(path, recipe, **config.store_options)
+            writers[k] = writer(path, recipe, track_new_keys=False, **config.store_options)
         docs = iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options)
         stats = _Stats()
         buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens)

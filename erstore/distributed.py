@@ -48,7 +48,7 @@ class RankWriter(StoreWriter):
         own = self.own_records()
         part = {"parts": [(own.tobytes(), [self.build_id]),
                           *((r.tobytes(), a) for r, a in self._adopted)],
-                "build": build or {}, "arrays": [self.build_id], "docs": self._docs.to_json()}
+                "build": build or {}, "arrays": [self.build_id], "docs": bytes(self._docs.to_json())}
         gathered: list[Any] = [None] * self.world_size if self.rank == 0 else None  # type: ignore[assignment]
         dist.gather_object(part, gathered, dst=0, group=self.group)
         result: list[Any] = [None]

@@ -29,7 +29,7 @@ class DocMap:
         self._file.write(json.dumps([doc_id, keys]).encode() + b"\n")
         self._count += 1
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> bytearray:
         """The JSON object {doc id: [keys]} of every entry, in the order added.
 
         A repeated id appears twice and JSON readers keep the last, as the dict this replaced
@@ -45,7 +45,7 @@ class DocMap:
             out += json.dumps(doc_id).encode() + b": " + json.dumps(keys).encode()
         out += b"}"
         self._file.seek(0, 2)
-        return bytes(out)
+        return out  # not copied into bytes: at corpus scale this is the largest object of a commit
 
     def close(self) -> None:
         self._file.close()

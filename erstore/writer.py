@@ -145,7 +145,7 @@ class StoreWriter:
 
     def __init__(self, url: str | os.PathLike[str], recipe: Recipe, *,
                  flush_bytes: int = FLUSH_BYTES, journal_seconds: float = JOURNAL_SECONDS,
-                 **location_options: Any):
+                 track_new_keys: bool = True, **location_options: Any):
         self.location = Location.open(url, **location_options)
         self.meta = ensure_store(self.location, recipe)
         self.recipe = self.meta.recipe
@@ -181,19 +181,22 @@ class StoreWriter:
         self._pending: list[Any] = []  # write futures of the last flush
         self._journal_seq = 0
         self._last_flush = time.monotonic()
-        self._new_keys = KeySet()
+        # What `contains`/`missing` need about this build's own appends (16 bytes per sequence);
+        # the builder deduplicates with its own KeySet and turns this off.
+        self._new_keys = KeySet() if track_new_keys else None
         self._docs = DocMap()
         self.closed = False
 
     # -- what is already there ---------------------------------------------------------------
     def contains(self, key: str) -> bool:
-        """True if `key` is committed, adopted from an interrupted build, or appended here."""
-        return key in self._new_keys or bool(self._known.find([key])[0] >= 0)
+        """True if `key` is committed, adopted from an interrupted build, or appended here
+        (appended keys only with `track_new_keys`, the default)."""
+        return (self._new_keys is not None and key in self._new_keys) or bool(self._known.find([key])[0] >= 0)
 
     def missing(self, keys: list[str]) -> list[bool]:
         """Vectorised `not contains` for many keys."""
         found = self._known.find(keys) >= 0
-        if len(self._new_keys):
+        if self._new_keys is not None and len(self._new_keys):
             found |= self._new_keys.contains_many(*halves(keys))
         return [not f for f in found]
 
@@ -231,7 +234,8 @@ class StoreWriter:
         self._raw.append(states)
         self._raw_tokens.append(np.asarray(token_ids, dtype="<i4"))
         self._raw_rows += len(token_ids)
-        self._new_keys.add(key)
+        if self._new_keys is not None:
+            self._new_keys.add(key)
         if self._raw_rows + len(self._encoded_tokens) >= self._flush_rows:
             self._flush(final=False)
         elif time.monotonic() - self._last_flush >= self.journal_seconds:
