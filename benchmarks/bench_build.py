@@ -168,8 +168,7 @@ def one_corpus_build(n: int, tmp: Path, buffer_tokens: int | None) -> dict:
     """Run in a fresh process: one build of n documents; report its peak RSS and timings."""
     import resource
 
-    model = tiny_model(tmp / "tiny-bert")
-    corpus = synthetic_corpus(tmp / f"corpus-{n}.txt", n)
+    model, corpus = tmp / "tiny-bert", tmp / f"corpus-{n}.txt"  # made by the parent process
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     options = {} if buffer_tokens is None else {"buffer_tokens": buffer_tokens}
     t0 = time.perf_counter()
@@ -192,6 +191,8 @@ def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None) ->
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
+            tiny_model(Path(tmp) / "tiny-bert")
+            synthetic_corpus(Path(tmp) / f"corpus-{n}.txt", n)
             cmd = [sys.executable, __file__, "--one-corpus", str(n), "--tmp", tmp]
             if buffer_tokens is not None:
                 cmd += ["--buffer-tokens", str(buffer_tokens)]

@@ -16,6 +16,7 @@ independent).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import time
@@ -25,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from erstore import preflight
 from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, check_corpus, iter_corpus
 from erstore.errors import InvalidInputError
-from erstore.keys import window_key
 from erstore.keyset import KeySet, halves
 from erstore.manifest import Recipe, VersionManifest
 from erstore.tokenize import (
@@ -122,8 +123,11 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     partial = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": windower.max_length,
                "stride": windower.stride, "codec": codec.to_dict(), "hidden_size": _hidden_size(model_config)}
     options = preflight.location_options(config.store_options)
+    created: dict[str, Path] = {}  # local store folder -> its first ancestor that did not exist yet
     for k, path in paths.items():
         preflight.check_store(path, {**partial, "layer": k}, **options)
+        if "://" not in path and not Path(path).exists():
+            created[path] = _first_missing(Path(path).expanduser().resolve())
     corpus_options = {"text_field": config.text_field, "pair_field": config.pair_field,
                       "id_field": config.id_field}
     check_corpus(config.corpus, **corpus_options)
@@ -161,9 +165,38 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
         return [BuildResult(str(writers[k].location.url), k, manifest, stats.documents, stats.windows,
                             stats.computed, resumed, clock.total, dict(clock.laps))
                 for k, (resumed, manifest) in committed.items()]
+    except BaseException:
+        # A failure before anything became durable leaves no store behind (see StoreWriter.discard);
+        # journaled rows stay for the next build to adopt.
+        for w in writers.values():
+            with contextlib.suppress(Exception):
+                w.discard()
+        for path, top in created.items():
+            _remove_empty_parents(path, top)
+        raise
     finally:
         for w in writers.values():
             w.close()
+
+
+def _first_missing(path: Path) -> Path:
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_empty_parents(path: str, top: Path) -> None:
+    """Remove the empty folders between a discarded store and the first one it created."""
+    folder = Path(path).expanduser().resolve()
+    while True:
+        if folder.exists():
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty: something else lives there
+        if folder == top or folder == folder.parent:
+            return
+        folder = folder.parent
 
 
 def _check(config: BuildConfig) -> tuple[Any, Any, list[int], Windower, Any]:
@@ -223,6 +256,16 @@ class _Stats:
     started: float = field(default_factory=time.perf_counter)
 
 
+_NO_BOUNDARY = np.zeros(1, dtype="<u4").tobytes()
+
+
+def fast_window_key(ids: np.ndarray, boundary: int) -> str:
+    """`keys.window_key` for tokenizer output already as a uint32 array, without re-checking it:
+    the same bytes are hashed (tests pin the equality), at a fraction of the per-call cost."""
+    header = _NO_BOUNDARY if not boundary else np.array([1, boundary], dtype="<u4").tobytes()
+    return xxhash.xxh3_128_hexdigest(header + ids.tobytes())
+
+
 def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,
              buffer_tokens: int) -> Iterator[list[tuple[str, np.ndarray, int, list[int]]]]:
     """Buffers of new windows (key, ids, boundary, layers needing it), each ~`buffer_tokens` tokens.
@@ -245,13 +288,14 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
         if pairs is not None and any(p is None for p in pairs):
             raise InvalidInputError("some documents have a text pair and some do not; give all or none")
         keys: list[str] = []
-        windows: list[tuple[list[int], int]] = []
+        windows: list[tuple[np.ndarray, int]] = []
         for doc, doc_windows in zip(part, windower.windows_batch([d.text for d in part], pairs)):
-            doc_keys = [window_key(ids, b) for ids, b in doc_windows]
+            arrays = [(np.array(ids, dtype="<u4"), b) for ids, b in doc_windows]
+            doc_keys = [fast_window_key(ids, b) for ids, b in arrays]
             for w in writers.values():
                 w.add_document(doc.id, doc_keys)
             keys += doc_keys
-            windows += doc_windows
+            windows += arrays
         stats.documents += len(part)
         stats.windows += len(keys)
         hi, lo = halves(keys)
@@ -261,7 +305,7 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
             layers = [k for k in writers if need[k][j]]
             if layers:
                 ids, b = windows[i]
-                buffer.append((keys[i], np.asarray(ids, dtype=np.int64), b, layers))
+                buffer.append((keys[i], ids, b, layers))
                 tokens += len(ids)
         stats.tokenize_s += time.perf_counter() - t0
         if tokens >= limit:
@@ -343,7 +387,7 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
         for batch in buffered_batches(buffers, config.batch_size):
             if stats.first_batch_s is None:
                 stats.first_batch_s = round(time.perf_counter() - stats.started, 3)
-            ids = torch.from_numpy(np.stack([t[1] for t in batch]))
+            ids = torch.from_numpy(np.stack([t[1] for t in batch]).astype(np.int64))
             mask = torch.ones_like(ids)
             types = None
             if use_types:

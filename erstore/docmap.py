@@ -26,7 +26,10 @@ class DocMap:
         return self._count
 
     def add(self, doc_id: str, keys: list[str]) -> None:
-        self._file.write(json.dumps([doc_id, keys]).encode() + b"\n")
+        # Each line is one finished JSON member, `"id": ["key", ...]`: the id is JSON-escaped (so
+        # no raw newline occurs) and keys are hex, so `to_json` joins lines without parsing them.
+        members = '"' + '", "'.join(keys) + '"' if keys else ""
+        self._file.write(f"{json.dumps(doc_id)}: [{members}]\n".encode())
         self._count += 1
 
     def to_json(self) -> bytearray:
@@ -38,13 +41,12 @@ class DocMap:
         self._file.flush()
         self._file.seek(0)
         out = bytearray(b"{")
-        for line in self._file:
-            doc_id, keys = json.loads(line)
-            if len(out) > 1:
-                out += b", "
-            out += json.dumps(doc_id).encode() + b": " + json.dumps(keys).encode()
-        out += b"}"
+        while block := self._file.read(1 << 22):  # in blocks: the map is held once, not three times
+            out += block.replace(b"\n", b", ")
         self._file.seek(0, 2)
+        if out.endswith(b", "):
+            del out[-2:]
+        out += b"}"
         return out  # not copied into bytes: at corpus scale this is the largest object of a commit
 
     def close(self) -> None:

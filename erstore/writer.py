@@ -20,6 +20,7 @@ Not here: deleting unreferenced arrays (space reclamation) and copying between s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -28,6 +29,7 @@ import uuid
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 import xxhash
 
 from erstore.codecs import codec_from_dict
@@ -147,6 +149,7 @@ class StoreWriter:
                  flush_bytes: int = FLUSH_BYTES, journal_seconds: float = JOURNAL_SECONDS,
                  track_new_keys: bool = True, **location_options: Any):
         self.location = Location.open(url, **location_options)
+        self.created_store = self.location.read(STORE_FILE) is None
         self.meta = ensure_store(self.location, recipe)
         self.recipe = self.meta.recipe
         self.codec = codec_from_dict(self.recipe.codec)
@@ -389,6 +392,27 @@ class StoreWriter:
             finally:
                 self._pending = []
                 self._docs.close()
+
+    def discard(self) -> bool:
+        """After a failed build: remove the store this writer created, if nothing durable came of
+        it (no version, no journal). Returns True if it removed the store.
+
+        A bad input found only once the build streams (a malformed line deep in the corpus) then
+        leaves no store behind, as one found before the start does.
+        """
+        self.close()
+        if not self.created_store or self._journal_seq:
+            return False
+        if self.location.list("versions/") or self.location.list("journal/"):
+            return False
+        self.location.delete_prefix(f"arrays/{self.build_id}/")
+        self.location.kv.delete_range(ts.KvStore.KeyRange(STORE_FILE, STORE_FILE + "\x00")).result()
+        if self.location.is_local:
+            root = self.location.spec["path"]
+            with contextlib.suppress(OSError):  # not empty: someone else is writing here
+                for folder, _, _ in os.walk(root, topdown=False):
+                    os.rmdir(folder)
+        return True
 
     def __enter__(self) -> StoreWriter:
         return self
