@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     so that this process reads only its share of the corpus.
     """
     clock = _Clock()
+    _fixed_mmap_threshold()
     tokenizer, model_config, layers, windower, codec = _check(config)
     paths = store_paths(config, layers)
     partial = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": windower.max_length,
@@ -177,6 +179,23 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     finally:
         for w in writers.values():
             w.close()
+
+
+def _fixed_mmap_threshold(nbytes: int = 256 * 1024) -> None:
+    """Keep glibc from raising its mmap threshold as large buffers come and go.
+
+    A build allocates and frees flush-sized arrays (up to `flush_bytes`) over and over; glibc's
+    dynamic threshold then serves them from the heap, which fragments and never shrinks: RSS
+    grew with the corpus (a writer alone: 58 -> 249 MiB over 200k sequences; 58 -> 103 MiB with
+    a fixed threshold). Setting the threshold once turns the dynamic adjustment off. Other
+    allocators and platforms: nothing to do.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def _first_missing(path: Path) -> Path:
