@@ -6,13 +6,21 @@
    (512 x 768 padded: 1.6 MB fp32, 0.8 MB fp16 = 4 and 2 bytes per value, padding included).
 3. Scale: open time, random get latency and index bytes for synthetic stores of 10k and 1M
    sequences.
+4. Corpus scale (`--only corpus`): peak RSS, time to first batch, tokens/s and forward-pass wait
+   for writing, for builds of 2k / 20k / 200k / 2M unique synthetic short documents with a tiny
+   random BERT (hidden 32, 2 layers, MiniLM tokenizer); each size in a fresh subprocess so that
+   peak RSS is that build's alone. Sizes that do not finish within `--timeout` are reported so.
+5. Commit time against store size (`--only commit`): a writer over a synthetic store of N
+   sequences appends 1,000 new ones; open, journal and commit times for N = 10k .. 1M.
 
 Run: HF_HUB_OFFLINE=1 python benchmarks/bench_build.py [--limit 2000] [--scale 1000000]
+     HF_HUB_OFFLINE=1 python benchmarks/bench_build.py --only corpus --sizes 2000,20000,200000,2000000
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -116,6 +124,137 @@ def scale(n: int, tmp: Path, d: int = 16) -> dict:
             "index_bytes_per_sequence_memory": round(memory / n, 1)}
 
 
+CORPUS_WORDS = ("time person year way day thing man world life hand part child eye woman place work week "
+                "case point government company number group problem fact water story money month "
+                "lot right study book job word business issue side kind head house service friend "
+                "father power hour game line end member law car city community name president team "
+                "minute idea kid body information back parent face others level office door health").split()
+
+
+def tiny_model(folder: Path) -> Path:
+    """A random BERT with hidden 32 and 2 layers, and the packaged MiniLM's tokenizer."""
+    import transformers
+
+    from erstore.tokenize import resolve_model
+
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=512)
+    transformers.BertModel(config).save_pretrained(folder)
+    source = Path(resolve_model(DEFAULT_MODEL))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+def synthetic_corpus(path: Path, n: int) -> Path:
+    """n unique short documents (~18 tokens each), one per line; the number makes each unique."""
+    rng = np.random.default_rng(n)
+    words = np.array(CORPUS_WORDS)
+    with path.open("w") as f:
+        for start in range(0, n, 100_000):
+            m = min(100_000, n - start)
+            picks = words[rng.integers(0, len(words), size=(m, 12))]
+            f.writelines(f"Document {start + i} is about {' '.join(row)}.\n" for i, row in enumerate(picks))
+    return path
+
+
+def vm(field: str) -> float:
+    """MiB of a /proc/self/status field (VmHWM: peak RSS of this process image; unlike
+    ru_maxrss it does not inherit the peak of the parent that forked it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def one_corpus_build(n: int, tmp: Path, buffer_tokens: int | None) -> dict:
+    """Run in a fresh process: one build of n documents; report its peak RSS and timings."""
+    model, corpus = tmp / "tiny-bert", tmp / f"corpus-{n}.txt"  # made by the parent process
+    import torch  # noqa: F401 - counted in the baseline, as a build imports it anyway
+    import transformers  # noqa: F401
+
+    rss_start = vm("VmRSS")
+    options = {} if buffer_tokens is None else {"buffer_tokens": buffer_tokens}
+    t0 = time.perf_counter()
+    [res] = build(BuildConfig(model=str(model), corpus=str(corpus), store=str(tmp / f"store-{n}"), layers=(1,),
+                              max_length=128, progress=False, **options))
+    wall = time.perf_counter() - t0
+    info = res.version.build
+    return {"documents": n, "tokens": res.version.totals.tokens, "windows": res.windows,
+            "peak_rss_mib": vm("VmHWM"), "rss_before_build_mib": rss_start, "wall_s": round(wall, 1),
+            "first_batch_s": info["first_batch_s"], "phases": res.phases,
+            "tokens_per_s_end_to_end": round(res.version.totals.tokens / wall, 1),
+            "write_wait_s": info["write_wait_s"], "store_mb": round(res.version.totals.bytes / 1e6, 1)}
+
+
+def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None) -> list[dict]:
+    import json
+    import subprocess
+
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny_model(Path(tmp) / "tiny-bert")
+            synthetic_corpus(Path(tmp) / f"corpus-{n}.txt", n)
+            cmd = [sys.executable, __file__, "--one-corpus", str(n), "--tmp", tmp]
+            if buffer_tokens is not None:
+                cmd += ["--buffer-tokens", str(buffer_tokens)]
+            try:
+                # One torch thread: with 2 threads on these shared, loaded cores, OpenMP's spinning
+                # made the same forward pass 20-50x slower (old and new builder alike).
+                env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True,
+                                     env=env).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                row = {"documents": n, "error": f"did not finish within {timeout:.0f} s"}
+            except subprocess.CalledProcessError as e:
+                row = {"documents": n, "error": e.stderr.strip().splitlines()[-1] if e.stderr else str(e)}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def commit_scale(sizes: list[int], tmp: Path, d: int = 16, new: int = 1000) -> list[dict]:
+    """Open + append `new` sequences + commit, on synthetic stores of `sizes` sequences."""
+    rng = np.random.default_rng(1)
+    recipe = Recipe(model_fingerprint="synthetic", layer=1, tokenizer_fingerprint="synthetic", max_length=8,
+                    stride=0, codec=LosslessCodec("float16").to_dict(), hidden_size=d, num_layers=2)
+    rows = []
+    for n in sizes:
+        path = tmp / f"commit-{n}"
+        states = rng.standard_normal((8, d)).astype(np.float32)
+        with StoreWriter(path, recipe) as w:
+            for i in range(n):
+                w.append(key_for_ids([i, 1, 2, 3]), states[:4], np.asarray([i, 1, 2, 3]))
+            w.commit()
+        t0 = time.perf_counter()
+        w = StoreWriter(path, recipe)
+        opened = time.perf_counter() - t0
+        for i in range(n, n + new):
+            w.append(key_for_ids([i, 1, 2, 3]), states[:4], np.asarray([i, 1, 2, 3]))
+        t0 = time.perf_counter()
+        w._flush(final=True)
+        flushed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        w.commit()
+        committed = time.perf_counter() - t0
+        w.close()
+        index_bytes = max(p.stat().st_size for p in (path / "index").glob("*.idx"))
+        rows.append({"store_sequences": n, "new_sequences": new, "open_s": round(opened, 3),
+                     "final_flush_s": round(flushed, 3), "commit_s": round(committed, 3),
+                     "new_index_bytes": index_bytes})
+        print(rows[-1], flush=True)
+        shutil.rmtree(path)
+    return rows
+
+
 def print_cost(cost: dict, limit: int) -> None:
     print(f"\n== build / bare forward (MiniLM, layer 3, {limit} stdlib paragraphs) ==")
     print(f"{'dtype':9} {'rep':>3} {'bare s':>7} {'build s':>8} {'ratio':>6} {'bytes/value':>11}")
@@ -130,9 +269,31 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000, help="documents of the default corpus")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=["build", "scale"], default=None)
+    ap.add_argument("--only", choices=["build", "scale", "corpus", "commit"], default=None)
+    ap.add_argument("--sizes", default="2000,20000,200000,2000000", help="corpus sizes (--only corpus)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per corpus size")
+    ap.add_argument("--buffer-tokens", type=int, default=None)
+    ap.add_argument("--commit-sizes", default="10000,100000,1000000")
+    ap.add_argument("--one-corpus", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_corpus is not None:
+        import json
+
+        print(json.dumps(one_corpus_build(args.one_corpus, Path(args.tmp), args.buffer_tokens)))
+        return
     print(machine())
+    if args.only in ("corpus", "commit"):
+        load = os.getloadavg()
+        if args.only == "corpus":
+            rows = corpus_scale([int(x) for x in args.sizes.split(",")], args.timeout, args.buffer_tokens)
+            record("build_corpus_scale", {"corpus_scale": rows, "load_average": load,
+                                          "buffer_tokens": args.buffer_tokens})
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = commit_scale([int(x) for x in args.commit_sizes.split(",")], Path(tmp))
+            record("build_commit_scale", {"commit_scale": rows, "load_average": load})
+        return
     cost, scales = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         if args.only != "scale":

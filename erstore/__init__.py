@@ -24,16 +24,30 @@ from erstore.errors import (
     StorePermissionError,
     StoreUnreachableError,
 )
-from erstore.keys import key_for_ids
-from erstore.store import Entry, Store
 
 if TYPE_CHECKING:
     from erstore.builder import BuildConfig, BuildResult
+    from erstore.keys import key_for_ids
+    from erstore.store import Entry, Store
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use (PEP 562), so that `import erstore` - and with it the CLI's start-up,
+    # where a Ctrl-C must give one line, not a traceback - does not wait for numpy or TensorStore.
+    if name in ("Entry", "Store"):
+        from erstore import store
+
+        return getattr(store, name)
+    if name == "key_for_ids":
+        from erstore.keys import key_for_ids
+
+        return key_for_ids
+    raise AttributeError(f"module 'erstore' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 
-def open(path: str | os.PathLike[str], *, version: int | str | None = None, **options: Any) -> Store:  # noqa: A001
+def open(path: str | os.PathLike[str], *, version: int | str | None = None, **options: Any) -> Store:
     """Open a store read-only at `version`: a number, a tag name (`erstore tag`) or None (newest).
 
     `path` is a folder, `s3://bucket/prefix` (options `endpoint=`, `region=`, else AWS_* variables)
@@ -42,12 +56,15 @@ def open(path: str | os.PathLike[str], *, version: int | str | None = None, **op
     Raises StoreNotFoundError if `path` is not a store or has no such version, and
     IncompatibleStoreError if it was written by a newer erstore format.
     """
+    from erstore.store import Store
+
     return Store(path, version=version, **options)
 
 
 def build(config: BuildConfig | None = None, **options: Any) -> list[BuildResult]:
     """Run `erstore build` from Python: `erstore.build(model=..., layers=(3,), corpus=..., store=...)`."""
-    from erstore.builder import BuildConfig, build as run
+    from erstore.builder import BuildConfig
+    from erstore.builder import build as run
 
     return run(config or BuildConfig(**options))
 

@@ -1,9 +1,13 @@
 """`erstore build`: run a model over a corpus once and store the hidden states of layer k.
 
 Order of work, chosen so that bad input fails before any compute and nothing is computed twice:
-read the corpus, load tokenizer and model, check layers and open every target store (recipe
-checks), tokenize everything into windows, drop windows already stored (or left durable by an
-interrupted build), then run the rest in length-sorted batches and commit one version per store.
+check the options, tokenizer and model config (layers, position limit, device), then every
+target store (reachable, writable, recipe), then the corpus's first record; only then load the
+weights and stream. The corpus is never held whole: documents are tokenized in slices into a
+bounded buffer (`buffer_tokens`), windows seen before in this corpus (a `KeySet`, 16 bytes per
+window) or already in the store are dropped, the rest run in equal-length batches formed within
+the buffer, and a background thread encodes and writes each batch while the next one computes.
+One version per store is committed at the end.
 
 Several `layers` are written from one forward pass, one store per layer (see README: a consumer
 needs exactly one layer, and per-layer stores keep recipes, versions and space reclamation
@@ -12,24 +16,33 @@ independent).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
+from erstore import preflight
 from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, iter_corpus
 from erstore.errors import InvalidInputError
-from erstore.keys import window_key
+from erstore.keyset import KeySet, halves
 from erstore.manifest import Recipe, VersionManifest
-from erstore.model import LayerExtractor, to_numpy
 from erstore.tokenize import DEFAULT_MODEL, Windower, load_tokenizer, model_identity, tokenizer_fingerprint
+from erstore.writebehind import WriteBehind
 from erstore.writer import StoreWriter
+
+BUFFER_TOKENS = 1 << 20  # tokens of new windows held for length batching (~4 MB of ids)
+FIRST_BUFFER_TOKENS = 1 << 14  # the first buffers are small so that compute starts at once
+TOKENIZE_DOCS = 512  # documents per tokenizer call
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ class BuildConfig:
     store_options: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     format: str | None = None  # corpus format; default: by file extension
+    buffer_tokens: int = BUFFER_TOKENS  # bounds build memory: see the module docstring
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, int) else self.layers
@@ -113,56 +127,232 @@ def store_paths(config: BuildConfig, layers: list[int]) -> dict[int, str]:
     return {k: f"{root.rstrip('/')}/layer-{k}" for k in layers}
 
 
-def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWriter) -> list[BuildResult]:
+def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWriter,
+          shard: tuple[int, int] = (0, 1)) -> list[BuildResult]:
     """Build (or extend) one store per requested layer; return what each store got.
 
     `writer(path, recipe, **store_options)` makes each layer's writer; `erstore.distributed`
-    passes one that writes a rank's shard and commits collectively.
+    passes one that writes a rank's shard and commits collectively, and `shard=(rank, world)`
+    so that this process reads only its share of the corpus.
     """
     clock = _Clock()
-    check_corpus(config.corpus, **config.corpus_options())
-    docs = list(iter_corpus(config.corpus, limit=config.limit, **config.corpus_options()))
-    clock.lap("corpus")
-    tokenizer_source = config.model if config.tokenizer is None else config.tokenizer
-    tokenizer = load_tokenizer(tokenizer_source)
-    max_length = config.max_length or min(512, int(tokenizer.model_max_length))
-    windower = Windower(tokenizer, max_length, max_length // 4 if config.stride is None else config.stride)
+    _fixed_mmap_threshold()
+    tokenizer, model_config, layers, windower, codec = _check(config)
+    paths = store_paths(config, layers)
+    partial = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": windower.max_length,
+               "stride": windower.stride, "codec": codec.to_dict(), "hidden_size": _hidden_size(model_config)}
+    options = preflight.location_options(config.store_options)
+    created: dict[str, Path] = {}  # local store folder -> its first ancestor that did not exist yet
+    for k, path in paths.items():
+        preflight.check_store(path, {**partial, "layer": k}, **options)
+        if "://" not in path and not Path(path).exists():
+            created[path] = _first_missing(Path(path).expanduser().resolve())
+    corpus_options = config.corpus_options()
+    check_corpus(config.corpus, **corpus_options)
+    clock.lap("check")
+
+    from erstore.model import LayerExtractor
+
     extractor = LayerExtractor(config.model, device=config.device)
-    layers = sorted(set(config.layers or (extractor.num_layers // 2,)))
-    for k in layers:
-        extractor.check_layer(k)
-    codec = parse_codec(config.codec, dtype=config.dtype)
     clock.lap("load")
     writers: dict[int, StoreWriter] = {}
     try:
-        for k, path in store_paths(config, layers).items():
+        for k, path in paths.items():
             recipe = Recipe(
-                model_fingerprint=extractor.fingerprint, layer=k,
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_length=windower.max_length,
-                stride=windower.stride, codec=codec.to_dict(), hidden_size=extractor.hidden_size,
-                num_layers=extractor.num_layers, model_name=model_identity(config.model),
-                model_type=extractor.config.model_type, tokenizer_name=model_identity(tokenizer_source),
+                model_fingerprint=extractor.fingerprint, layer=k, tokenizer_fingerprint=partial["tokenizer_fingerprint"],
+                max_length=windower.max_length, stride=windower.stride, codec=codec.to_dict(),
+                hidden_size=extractor.hidden_size, num_layers=extractor.num_layers,
+                model_name=model_identity(config.model), model_type=extractor.config.model_type,
+                tokenizer_name=model_identity(config.model if config.tokenizer is None else config.tokenizer),
                 config=extractor.config.to_diff_dict(),
             )
-            writers[k] = writer(path, recipe, **config.store_options)
-        windows = _tokenize(docs, windower, writers)
-        todo = _missing(windows, writers)
-        clock.lap("tokenize")
-        _compute(todo, extractor, writers, config)
+            writers[k] = writer(path, recipe, track_new_keys=False, **config.store_options)
+        docs = iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options)
+        stats = _Stats()
+        buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens)
+        _compute(buffers, extractor, writers, config, stats)
+        clock.laps["tokenize"] = round(stats.tokenize_s, 3)
         clock.lap("compute")
-        tokens = sum(len(w[1]) for w in todo)
-        info = {"corpus": corpus_label(config.corpus), "documents": len(docs), "windows": len(windows),
-                "computed": len(todo), "computed_tokens": tokens, "device": config.device,
-                "seconds": clock.laps,
-                "tokens_per_second": round(tokens / max(clock.laps["compute"], 1e-9), 1)}
+        clock.laps["compute"] = round(clock.laps["compute"] - stats.tokenize_s, 3)
+        info = {"corpus": corpus_label(config.corpus), "documents": stats.documents, "windows": stats.windows,
+                "computed": stats.computed, "computed_tokens": stats.tokens, "device": config.device,
+                "seconds": clock.laps, "first_batch_s": stats.first_batch_s,
+                "write_wait_s": round(stats.write_wait_s, 3),
+                "tokens_per_second": round(stats.tokens / max(clock.laps["compute"], 1e-9), 1)}
         committed = {k: (w.adopted_sequences, w.commit(build=info)) for k, w in writers.items()}
         clock.lap("commit")
-        return [BuildResult(str(writers[k].location.url), k, manifest, len(docs), len(windows), len(todo),
-                            resumed, clock.total, dict(clock.laps))
+        return [BuildResult(str(writers[k].location.url), k, manifest, stats.documents, stats.windows,
+                            stats.computed, resumed, clock.total, dict(clock.laps))
                 for k, (resumed, manifest) in committed.items()]
+    except BaseException:
+        # A failure before anything became durable leaves no store behind (see StoreWriter.discard);
+        # journaled rows stay for the next build to adopt.
+        for w in writers.values():
+            with contextlib.suppress(Exception):
+                w.discard()
+        for path, top in created.items():
+            _remove_empty_parents(path, top)
+        raise
     finally:
-        for writer in writers.values():
-            writer.close()
+        for w in writers.values():
+            w.close()
+
+
+def _fixed_mmap_threshold(nbytes: int = 256 * 1024) -> None:
+    """Keep glibc from raising its mmap threshold as large buffers come and go.
+
+    A build allocates and frees flush-sized arrays (up to `flush_bytes`) over and over; glibc's
+    dynamic threshold then serves them from the heap, which fragments and never shrinks: RSS
+    grew with the corpus (a writer alone: 58 -> 249 MiB over 200k sequences; 58 -> 103 MiB with
+    a fixed threshold). Setting the threshold once turns the dynamic adjustment off. Other
+    allocators and platforms: nothing to do.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+
+
+def _first_missing(path: Path) -> Path:
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_empty_parents(path: str, top: Path) -> None:
+    """Remove the empty folders between a discarded store and the first one it created."""
+    folder = Path(path).expanduser().resolve()
+    while True:
+        if folder.exists():
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty: something else lives there
+        if folder == top or folder == folder.parent:
+            return
+        folder = folder.parent
+
+
+def _check(config: BuildConfig) -> tuple[Any, Any, list[int], Windower, Any]:
+    """Options, tokenizer, model config, layers, positions and device: no weights, no corpus."""
+    if config.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.buffer_tokens < 1:
+        raise InvalidInputError(f"buffer_tokens must be at least 1, got {config.buffer_tokens}")
+    preflight.check_max_length(config.max_length)
+    tokenizer = load_tokenizer(config.model if config.tokenizer is None else config.tokenizer)
+    model_config = _model_config(config.model)
+    num_layers = int(getattr(model_config, "num_hidden_layers", 0) or model_config.num_layers)
+    layers = sorted(set(config.layers or (num_layers // 2,)))
+    for k in layers:
+        if not 0 <= k <= num_layers:
+            raise InvalidInputError(
+                f"--layer {k} is out of range for {config.model!r}, which has {num_layers} layers: choose "
+                f"0..{num_layers} (hidden_states index; the middle is {num_layers // 2})"
+            )
+    max_length = config.max_length if config.max_length is not None else min(512, int(tokenizer.model_max_length))
+    preflight.check_positions(max_length, model_config, config.model)
+    preflight.check_device(config.device)
+    codec = parse_codec(config.codec, dtype=config.dtype)
+    windower = Windower(tokenizer, max_length, max_length // 4 if config.stride is None else config.stride)
+    return tokenizer, model_config, layers, windower, codec
+
+
+def _model_config(name: Any) -> Any:
+    if not isinstance(name, (str, os.PathLike)):  # a loaded model: its own config
+        return name.config
+    import transformers
+    from transformers import AutoConfig
+
+    from erstore.tokenize import resolve_model
+
+    transformers.logging.set_verbosity_error()
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(
+            f"cannot load model {name!r}: {e}. Pass --model a folder with config.json and "
+            "weights, or a model name available offline"
+        ) from e
+
+
+def _hidden_size(model_config: Any) -> int:
+    return int(getattr(model_config, "hidden_size", 0) or model_config.d_model)
+
+
+@dataclass
+class _Stats:
+    documents: int = 0
+    windows: int = 0
+    computed: int = 0
+    tokens: int = 0
+    tokenize_s: float = 0.0
+    write_wait_s: float = 0.0
+    first_batch_s: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+_NO_BOUNDARY = np.zeros(1, dtype="<u4").tobytes()
+
+
+def fast_window_key(ids: np.ndarray, boundary: int) -> str:
+    """`keys.window_key` for tokenizer output already as a uint32 array, without re-checking it:
+    the same bytes are hashed (tests pin the equality), at a fraction of the per-call cost."""
+    header = _NO_BOUNDARY if not boundary else np.array([1, boundary], dtype="<u4").tobytes()
+    return xxhash.xxh3_128_hexdigest(header + ids.tobytes())
+
+
+def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,
+             buffer_tokens: int) -> Iterator[list[tuple[str, np.ndarray, int, list[int]]]]:
+    """Buffers of new windows (key, ids, boundary, layers needing it), each ~`buffer_tokens` tokens.
+
+    Records every document's keys with the writers. A window is new unless an earlier document
+    of this corpus had it (`seen`, 16 bytes per window) or every target store already holds it.
+    The first buffers are small and double, so that the first batch does not wait for a full one.
+    """
+    seen = KeySet()
+    buffer: list[tuple[str, np.ndarray, int, list[int]]] = []
+    tokens, limit = 0, min(buffer_tokens, FIRST_BUFFER_TOKENS)
+    it = iter(docs)
+    while True:
+        t0 = time.perf_counter()
+        part = list(itertools.islice(it, TOKENIZE_DOCS))
+        if not part:
+            stats.tokenize_s += time.perf_counter() - t0
+            break
+        pairs = [d.pair for d in part] if part[0].pair is not None else None
+        if pairs is not None and any(p is None for p in pairs):
+            raise InvalidInputError("some documents have a text pair and some do not; give all or none")
+        keys: list[str] = []
+        windows: list[tuple[np.ndarray, int]] = []
+        split = part[0].words is not None  # pre-tokenized (--words-field)
+        texts = [d.words for d in part] if split else [d.text for d in part]
+        for doc, doc_windows in zip(part, windower.windows_batch(texts, pairs, split_words=split)):
+            arrays = [(np.array(ids, dtype="<u4"), b) for ids, b in doc_windows]
+            doc_keys = [fast_window_key(ids, b) for ids, b in arrays]
+            for w in writers.values():
+                w.add_document(doc.id, doc_keys)
+            keys += doc_keys
+            windows += arrays
+        stats.documents += len(part)
+        stats.windows += len(keys)
+        hi, lo = halves(keys)
+        new = np.flatnonzero(seen.add_many(hi, lo))
+        need = {k: ~w.stored(hi[new], lo[new]) for k, w in writers.items()}
+        for j, i in enumerate(new):
+            layers = [k for k in writers if need[k][j]]
+            if layers:
+                ids, b = windows[i]
+                buffer.append((keys[i], ids, b, layers))
+                tokens += len(ids)
+        stats.tokenize_s += time.perf_counter() - t0
+        if tokens >= limit:
+            yield buffer
+            buffer, tokens, limit = [], 0, min(buffer_tokens, 2 * limit)
+    if buffer:
+        yield buffer
 
 
 class _Clock:
@@ -182,40 +372,6 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def _tokenize(docs: list, windower: Windower, writers: dict[int, StoreWriter]) -> list[tuple[str, list[int], int]]:
-    """All windows of all documents as (key, ids, boundary); records each document's keys."""
-    out: list[tuple[str, list[int], int]] = []
-    step = 512
-    for start in range(0, len(docs), step):
-        part = docs[start : start + step]
-        pairs = [d.pair for d in part] if part[0].pair is not None else None
-        if pairs is not None and any(p is None for p in pairs):
-            raise InvalidInputError("some documents have a text pair and some do not; give all or none")
-        split = getattr(part[0], "words", None) is not None  # pre-tokenized (--words-field)
-        texts = [d.words for d in part] if split else [d.text for d in part]
-        for doc, windows in zip(part, windower.windows_batch(texts, pairs, split_words=split)):
-            keys = [window_key(ids, b) for ids, b in windows]
-            for writer in writers.values():
-                writer.add_document(doc.id, keys)
-            out.extend((key, ids, b) for key, (ids, b) in zip(keys, windows))
-    return out
-
-
-def _missing(windows: list[tuple[str, list[int], int]], writers: dict[int, StoreWriter]) -> list:
-    """Unique windows that at least one target store lacks, with the layers that need them."""
-    unique: dict[str, tuple[list[int], int]] = {}
-    for key, ids, b in windows:
-        unique.setdefault(key, (ids, b))
-    keys = list(unique)
-    need = {k: w.missing(keys) for k, w in writers.items()}
-    todo = []
-    for i, key in enumerate(keys):
-        layers = [k for k in writers if need[k][i]]
-        if layers:
-            todo.append((key, *unique[key], layers))
-    return todo
-
-
 def length_batches(todo: list, batch_size: int) -> list[list]:
     """Batches of windows of exactly equal length, longest first.
 
@@ -232,22 +388,46 @@ def length_batches(todo: list, batch_size: int) -> list[list]:
     return batches
 
 
-def _compute(todo: list, extractor: LayerExtractor, writers: dict[int, StoreWriter], config: BuildConfig) -> None:
-    """Run the model over `todo` in equal-length batches and append each layer's states."""
+def buffered_batches(buffers: Iterable[list], batch_size: int) -> Iterator[list]:
+    """Equal-length batches formed within each buffer; a length's last partial batch waits for
+    the next buffer (so batches stay full), unless the waiting rows exceed one buffer."""
+    carry: list = []
+    for buffer in buffers:
+        todo = carry + buffer
+        carry = []
+        for batch in length_batches(todo, batch_size):
+            if len(batch) < batch_size:
+                carry += batch
+            else:
+                yield batch
+        if sum(len(t[1]) for t in carry) > sum(len(t[1]) for t in buffer):
+            yield from length_batches(carry, batch_size)
+            carry = []
+    yield from length_batches(carry, batch_size)
+
+
+def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWriter], config: BuildConfig,
+             stats: _Stats) -> None:
+    """Run the model over the buffered windows in equal-length batches; a background thread
+    appends each layer's states while the next batch computes."""
     import torch
     from tqdm.auto import tqdm
+
+    from erstore.model import to_numpy
 
     layers = sorted(writers)
     codec = next(iter(writers.values())).codec
     cast = codec.dtype if codec.lossless else "float32"  # lossless: cast on the torch side (fast)
     use_types = extractor.accepts_token_types()
-    bar = tqdm(total=len(todo), unit="seq", disable=not config.progress or None, desc="build",
-               dynamic_ncols=True)
-    tokens_done, t0 = 0, time.perf_counter()
+    bar = tqdm(unit="seq", disable=not config.progress or None, desc="build", dynamic_ncols=True)
+    t0 = time.perf_counter()
     device = extractor.device
+    behind = WriteBehind(writers)
     try:
-        for batch in length_batches(todo, config.batch_size):
-            ids = torch.tensor([t[1] for t in batch], dtype=torch.long)
+        for batch in buffered_batches(buffers, config.batch_size):
+            if stats.first_batch_s is None:
+                stats.first_batch_s = round(time.perf_counter() - stats.started, 3)
+            ids = torch.from_numpy(np.stack([t[1] for t in batch]).astype(np.int64))
             mask = torch.ones_like(ids)
             types = None
             if use_types:
@@ -257,12 +437,13 @@ def _compute(todo: list, extractor: LayerExtractor, writers: dict[int, StoreWrit
                         types[row, boundary:] = 1
             hidden = extractor(ids.to(device), mask.to(device),
                                None if types is None else types.to(device), layers)
-            arrays = {k: to_numpy(h, cast) for k, h in hidden.items()}
-            for row, (key, tok, boundary, need) in enumerate(batch):
-                for k in need:
-                    writers[k].append(key, arrays[k][row], np.asarray(tok), boundary=boundary)
-            tokens_done += ids.numel()
+            behind.put(batch, {k: to_numpy(h, cast) for k, h in hidden.items()})
+            stats.computed += len(batch)
+            stats.tokens += ids.numel()
             bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f}")
+            bar.set_postfix(tok_s=f"{stats.tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+        behind.close()
     finally:
+        behind.close(raise_error=False)
+        stats.write_wait_s = behind.wait_s
         bar.close()

@@ -6,9 +6,26 @@ input; `--json` gives machine-readable output for scripts.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    # Ctrl-C while Python, torch, TensorStore or transformers are still importing: a
+    # KeyboardInterrupt there surfaces as a traceback or as an ImportError from a C extension.
+    # Nothing has been written yet, so leave at once with one line.
+    os.write(2, b"interrupted during start-up; nothing was written\n")
+    os._exit(130)
+
+
+# Only when run as the `erstore` command (not when imported as a library, e.g. by tests).
+if (os.path.basename(sys.argv[0]) if sys.argv else "") in ("erstore", "erstore.exe") \
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)  # until a command has imported what it needs
+
 import functools
 import json
-import sys
 from typing import Any, Callable
 
 import click
@@ -16,10 +33,18 @@ import click
 from erstore.errors import ErstoreError
 
 
+def _started() -> None:
+    """Back to KeyboardInterrupt (handled by `_errors`) once start-up imports are done."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if fn.__name__ != "build":  # build restores it after its imports
+                _started()
             return fn(*args, **kwargs)
         except ErstoreError as e:
             click.echo(f"error: {e}", err=True)
@@ -86,14 +111,23 @@ def main() -> None:
               help="Field holding a list of words (NER); the text is the words joined by spaces if absent.")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--buffer-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens of new windows held for length batching; bounds build memory [default: 1048576].")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
 @click.option("--region", default=None, help="S3 region [default: $AWS_REGION or us-east-1].")
 @_errors
 @click.pass_context
 def build(ctx: click.Context, **opts: Any) -> None:
     """Run a model over a corpus once and store layer-k hidden states as a new version."""
-    from erstore.builder import BuildConfig, build as single_process
+    # The slow imports of start-up, while a Ctrl-C still means "exit with one line".
+    import tensorstore  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
+    from erstore.builder import BuildConfig
+    from erstore.builder import build as single_process
+
+    _started()
     run = (ctx.obj or {}).get("build", single_process)  # erstore.distributed passes its own
     from erstore.corpus import DEFAULT_CORPUS
     from erstore.tokenize import DEFAULT_MODEL
@@ -108,6 +142,7 @@ def build(ctx: click.Context, **opts: Any) -> None:
         id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
         format=opts["corpus_format"], words_field=opts["words_field"],
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
+        **({"buffer_tokens": opts["buffer_tokens"]} if opts["buffer_tokens"] else {}),
     )
     for result in run(config):
         click.echo(result.summary())

@@ -1,12 +1,13 @@
 """Distributed `erstore build`: `torchrun --nproc-per-node N -m erstore.distributed BUILD-OPTIONS`.
 
-Every rank reads and tokenizes the whole corpus (cheap) and computes only the windows whose
-key falls in its shard (`int(key[:8], 16) % world_size == rank`): content sharding balances
-work, and a window shared by many documents is computed once. Each rank writes its own fresh
-arrays and journals (a `StoreWriter` per rank and layer). At the end rank 0 gathers every
-rank's index records through `torch.distributed` (gloo works on CPU), writes one index file
-that points into all ranks' arrays, and commits exactly one version with the usual
-write-if-absent. If any rank fails, torchrun stops the others and rank 0 never commits: no
+Every rank reads only its share of the corpus (`iter_corpus(shard=(rank, world))`: whole
+files of a directory or glob when there are enough of them, else every world-th document), so
+no rank reads or tokenizes the whole corpus. A window that documents of two ranks share is
+computed by both (the index keeps one); windows already in the store are computed by none.
+Each rank writes its own fresh arrays and journals (a `StoreWriter` per rank and layer). At
+the end rank 0 gathers every rank's index records and document map through
+`torch.distributed` (gloo works on CPU), writes one index file that points into all ranks'
+arrays, and commits exactly one version with the usual write-if-absent. If any rank fails, torchrun stops the others and rank 0 never commits: no
 partial version appears; the durable rows stay journaled and the next run adopts them.
 
 The options are those of `erstore build` (`--model`, `--layer`, `--corpus`, `--store`, ...).
@@ -16,7 +17,6 @@ The single-process build is unchanged; this module passes it a `RankWriter` fact
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from typing import Any
 
@@ -40,22 +40,15 @@ class RankWriter(StoreWriter):
         super().__init__(*args, **kwargs)
         self.rank, self.world_size, self.group = rank, world_size, group
 
-    def in_shard(self, key: str) -> bool:
-        return int(key[:8], 16) % self.world_size == self.rank
-
-    def missing(self, keys: list[str]) -> list[bool]:
-        """Missing from the store *and* in this rank's shard: what this rank must compute."""
-        return [m and self.in_shard(k) for k, m in zip(keys, super().missing(keys))]
-
     def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
         """Every rank calls this; rank 0 commits all ranks' rows as one version."""
         import torch.distributed as dist
 
         self._flush(final=True)
-        own = np.array(self._records, dtype=RECORD_DTYPE)
+        own = self.own_records()
         part = {"parts": [(own.tobytes(), [self.build_id]),
                           *((r.tobytes(), a) for r, a in self._adopted)],
-                "build": build or {}, "arrays": [self.build_id]}
+                "build": build or {}, "arrays": [self.build_id], "docs": bytes(self._docs.to_json())}
         gathered: list[Any] = [None] * self.world_size if self.rank == 0 else None  # type: ignore[assignment]
         dist.gather_object(part, gathered, dst=0, group=self.group)
         result: list[Any] = [None]
@@ -64,6 +57,7 @@ class RankWriter(StoreWriter):
         dist.broadcast_object_list(result, src=0, group=self.group)
         self._cleanup_journals()
         self.closed = True
+        self._docs.close()
         return VersionManifest.from_json(result[0].encode(), "rank 0") if result[0] else None
 
     def _commit_all(self, gathered: list[dict[str, Any]]) -> str | None:
@@ -74,7 +68,10 @@ class RankWriter(StoreWriter):
         if not len(fresh):
             return None
         self.location.write(f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays))
-        self.location.write(f"index/{self.build_id}.docs.json", json.dumps(self._docs, sort_keys=True).encode())
+        # Each rank's map is a JSON object of its documents; their members concatenate.
+        members = [g["docs"].strip()[1:-1].strip() for g in gathered]
+        docs = b"{" + b", ".join(m for m in members if m) + b"}"
+        self.location.write(f"index/{self.build_id}.docs.json", docs)
         added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
         builds = [g["build"] for g in gathered]
         info = {**builds[0], "ranks": len(builds)}
@@ -98,8 +95,9 @@ def build(config: Any) -> list[Any]:
     if owned:
         dist.init_process_group("gloo")
     try:
-        writer = functools.partial(RankWriter, rank=dist.get_rank(), world_size=dist.get_world_size())
-        return _single_process_build(config, writer=writer)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        writer = functools.partial(RankWriter, rank=rank, world_size=world)
+        return _single_process_build(config, writer=writer, shard=(rank, world))
     finally:
         if owned:
             dist.destroy_process_group()

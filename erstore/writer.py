@@ -4,8 +4,11 @@ Commit protocol (the same on local disk and object storage, no locks, no coordin
 
 1. A build writes its rows into fresh arrays `arrays/<build>/` that no version references yet.
 2. Every flush, once its chunks are durable, writes `journal/<build>/<n>.idx`: the sequences
-   whose rows are now safe. A killed build leaves these behind; the next build of the same
-   store adopts them, so it recomputes only what was never made durable.
+   whose rows are now safe. A flush happens every `flush_bytes` and at least every
+   `journal_seconds` (10 s), so a killed build loses seconds of work. A killed build leaves
+   the journals behind; the next build of the same store adopts them, so it recomputes only
+   what was never made durable. Each journal holds only the records since the previous one,
+   and the commit writes only this build's records: both cost O(new data), not O(store).
 3. At the end the build writes `index/<build>.idx` and then `versions/<N+1>.json` with a
    write-if-absent. That single conditional write is the commit: readers only ever follow
    version manifests, so they never see a half-written build. If another writer took N+1
@@ -17,19 +20,24 @@ Not here: deleting unreferenced arrays (space reclamation) and copying between s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 import xxhash
 
 from erstore.codecs import codec_from_dict
+from erstore.docmap import DocMap
 from erstore.errors import CommitConflictError, IncompatibleStoreError, InvalidInputError, StoreNotFoundError
 from erstore.index import KeyIndex
 from erstore.keys import split_key
+from erstore.keyset import KeySet, halves
 from erstore.location import Location
 from erstore.manifest import (
     RECORD_DTYPE,
@@ -46,6 +54,7 @@ from erstore.store import BuildArrays, list_versions, load_index, open_arrays, r
 from erstore.validate import MAX_SEQUENCE_ROWS, array_file_records, file_record
 
 FLUSH_BYTES = 16 * 1024 * 1024
+JOURNAL_SECONDS = 10.0  # a killed build loses about this much work plus one batch
 COMMIT_ATTEMPTS = 50
 
 
@@ -128,8 +137,10 @@ class StoreWriter:
     """
 
     def __init__(self, url: str | os.PathLike[str], recipe: Recipe, *,
-                 flush_bytes: int = FLUSH_BYTES, **location_options: Any):
+                 flush_bytes: int = FLUSH_BYTES, journal_seconds: float = JOURNAL_SECONDS,
+                 track_new_keys: bool = True, **location_options: Any):
         self.location = Location.open(url, **location_options)
+        self.created_store = self.location.read(STORE_FILE) is None
         self.meta = ensure_store(self.location, recipe)
         self.recipe = self.meta.recipe
         self.codec = codec_from_dict(self.recipe.codec)
@@ -145,6 +156,7 @@ class StoreWriter:
         self._unit = self.codec.rows_per_chunk(d) * 4  # tokens chunks are 4x taller; flush whole chunks
         row_bytes = max(1.0, d * float(self.codec.itemsize))
         self._flush_rows = max(self._unit, int(flush_bytes // row_bytes) // self._unit * self._unit)
+        self.journal_seconds = journal_seconds
         self._arrays: BuildArrays | None = None
         self._params: dict[str, Any] | None = None
         self._raw: list[np.ndarray] = []  # appended states not yet encoded
@@ -153,24 +165,41 @@ class StoreWriter:
         self._encoded: dict[str, np.ndarray] = {}  # encoded rows not yet handed to TensorStore
         self._encoded_tokens = np.zeros(0, dtype="<i4")
         self._written_rows = 0  # rows handed to TensorStore
-        self._records: list[tuple] = []  # (hi, lo, row, checksum, array, length, boundary)
-        self._encoded_records = 0  # records whose checksum is known (rows encoded)
+        # Index records live in numpy, ~44 bytes per sequence, so memory does not grow with
+        # Python objects per sequence: appended (tuples, until encoded) -> encoded (arrays,
+        # until their rows are durable) -> journaled (arrays, kept for the commit's index).
+        self._fresh: list[tuple] = []  # (hi, lo, row, checksum, array, length, boundary), not encoded
+        self._unjournaled: list[np.ndarray] = []
+        self._journaled_parts: list[np.ndarray] = []
         self._journaled = 0  # records covered by journal files
         self._pending: list[Any] = []  # write futures of the last flush
         self._journal_seq = 0
-        self._new_keys: set[str] = set()
-        self._docs: dict[str, list[str]] = {}
+        self._last_flush = time.monotonic()
+        # What `contains`/`missing` need about this build's own appends (16 bytes per sequence);
+        # the builder deduplicates with its own KeySet and turns this off.
+        self._new_keys = KeySet() if track_new_keys else None
+        self._docs = DocMap()
         self.closed = False
 
     # -- what is already there ---------------------------------------------------------------
     def contains(self, key: str) -> bool:
-        """True if `key` is committed, adopted from an interrupted build, or appended here."""
-        return key in self._new_keys or bool(self._known.find([key])[0] >= 0)
+        """True if `key` is committed, adopted from an interrupted build, or appended here
+        (appended keys only with `track_new_keys`, the default)."""
+        return (self._new_keys is not None and key in self._new_keys) or bool(self._known.find([key])[0] >= 0)
 
     def missing(self, keys: list[str]) -> list[bool]:
         """Vectorised `not contains` for many keys."""
         found = self._known.find(keys) >= 0
-        return [not f and k not in self._new_keys for k, f in zip(keys, found)]
+        if self._new_keys is not None and len(self._new_keys):
+            found |= self._new_keys.contains_many(*halves(keys))
+        return [not f for f in found]
+
+    def stored(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """Which keys are committed or adopted (not those appended by this build).
+
+        Reads only structures fixed at open, so a builder may call it while another thread appends.
+        """
+        return self._known.find_halves(hi, lo) >= 0
 
     @property
     def adopted_sequences(self) -> int:
@@ -186,7 +215,8 @@ class StoreWriter:
 
     # -- appending ---------------------------------------------------------------------------
     def append(self, key: str, states: np.ndarray, token_ids: np.ndarray, *, boundary: int = 0) -> None:
-        """Buffer one sequence (states [n, d], token ids [n]); flushed in whole chunks."""
+        """Buffer one sequence (states [n, d], token ids [n]); flushed in whole chunks, and at
+        least every `journal_seconds` so that a killed build loses only seconds of work."""
         if states.ndim != 2 or states.shape[1] != self.recipe.hidden_size or len(states) != len(token_ids):
             raise ValueError(
                 f"expected states [n, {self.recipe.hidden_size}] and n token ids, got "
@@ -197,17 +227,22 @@ class StoreWriter:
                                     "a store can hold in one record; split it into windows")
         hi, lo = split_key(key)
         row = self._written_rows + len(self._encoded_tokens) + self._raw_rows
-        self._records.append((hi, lo, row, 0, 0, len(token_ids), boundary))
+        self._fresh.append((hi, lo, row, 0, 0, len(token_ids), boundary))
         self._raw.append(states)
         self._raw_tokens.append(np.asarray(token_ids, dtype="<i4"))
         self._raw_rows += len(token_ids)
-        self._new_keys.add(key)
+        if self._new_keys is not None:
+            self._new_keys.add(key)
         if self._raw_rows + len(self._encoded_tokens) >= self._flush_rows:
             self._flush(final=False)
+        elif time.monotonic() - self._last_flush >= self.journal_seconds:
+            self._flush(final=False, partial=True)
+        elif self._pending and all(f.done() for f in self._pending):
+            self._wait_and_journal()  # journal as soon as the last flush is durable, not at the next
 
     def add_document(self, doc_id: str, keys: list[str]) -> None:
         """Record that corpus document `doc_id` is stored as the windows `keys`."""
-        self._docs[str(doc_id)] = keys
+        self._docs.add(str(doc_id), keys)
 
     def _encode_buffered(self) -> None:
         """Encode appended rows in one vectorised call and record each sequence's checksum."""
@@ -219,22 +254,32 @@ class StoreWriter:
             self._params = self.codec.fit(np.asarray(states, dtype=np.float32))
         parts = self.codec.encode(states, self._params)
         base = self._written_rows + len(self._encoded_tokens)
-        for i in range(self._encoded_records, len(self._records)):
-            row, length = self._records[i][2] - base, self._records[i][5]
-            digest = checksum({n: p[row : row + length] for n, p in parts.items()}, tokens[row : row + length])
-            self._records[i] = (*self._records[i][:3], digest, *self._records[i][4:])
-        self._encoded_records = len(self._records)
+        records = np.array(self._fresh, dtype=RECORD_DTYPE)
+        for i, (row, length) in enumerate(zip(records["row"] - base, records["length"])):
+            records["checksum"][i] = checksum({n: p[row : row + length] for n, p in parts.items()},
+                                              tokens[row : row + length])
+        self._unjournaled.append(records)
+        self._fresh = []
         self._encoded = {n: np.concatenate([self._encoded[n], p]) if n in self._encoded else p
                          for n, p in parts.items()}
         self._encoded_tokens = np.concatenate([self._encoded_tokens, tokens])
         self._raw, self._raw_tokens, self._raw_rows = [], [], 0
 
-    def _flush(self, *, final: bool) -> None:
+    def _flush(self, *, final: bool, partial: bool = False) -> None:
+        """Hand encoded rows to TensorStore: whole chunks, or everything when `final`/`partial`.
+
+        A partial flush (by time) may end inside a chunk; the next flush writes the rest of that
+        chunk (TensorStore reads, modifies and rewrites it) and realigns to chunk boundaries.
+        """
         self._wait_and_journal()
         self._encode_buffered()
+        self._last_flush = time.monotonic()
         rows = len(self._encoded_tokens)
-        n = rows if final else rows // self._unit * self._unit
-        if not n:
+        if final or partial:
+            n = rows
+        else:
+            n = (self._written_rows + rows) // self._unit * self._unit - self._written_rows
+        if n <= 0:
             if final:
                 self._seal()
             return
@@ -271,32 +316,40 @@ class StoreWriter:
         for future in self._pending:
             future.result()
         self._pending = []
-        done = self._journaled
-        while (done < self._encoded_records
-               and self._records[done][2] + self._records[done][5] <= self._written_rows):
-            done += 1
-        if done > self._journaled:
-            records = np.array(self._records[self._journaled : done], dtype=RECORD_DTYPE)
+        if not self._unjournaled:
+            return
+        records = np.concatenate(self._unjournaled)
+        ends = records["row"] + records["length"]
+        done = int(np.searchsorted(ends, self._written_rows, side="right"))  # rows are in order
+        if done:
             name = f"journal/{self.build_id}/{self._journal_seq:06d}.idx"
-            self.location.write(name, encode_index(records, [self.build_id]))
+            self.location.write(name, encode_index(records[:done], [self.build_id]))
             self._journal_seq += 1
-            self._journaled = done
+            self._journaled += done
+            self._journaled_parts.append(records[:done])
+        self._unjournaled = [records[done:]] if done < len(records) else []
+
+    def own_records(self) -> np.ndarray:
+        """Index records of every sequence this build made durable (after a final flush)."""
+        if len(self._journaled_parts) > 1:
+            self._journaled_parts = [np.concatenate(self._journaled_parts)]
+        return self._journaled_parts[0] if self._journaled_parts else np.zeros(0, dtype=RECORD_DTYPE)
 
     # -- committing --------------------------------------------------------------------------
     def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
         """Publish everything appended (and adopted) as one new version; None if nothing is new."""
         self._flush(final=True)
-        own = np.array(self._records[: self._journaled], dtype=RECORD_DTYPE)
-        parts = [(own, [self.build_id]), *self._adopted]
+        parts = [(self.own_records(), [self.build_id]), *self._adopted]
         merged = KeyIndex.merge(parts)
         fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]
         if not len(fresh):
             self._cleanup_journals()
             self.closed = True
+            self._docs.close()
             return None
         files = {}  # size and checksum of every file this build adds, for verified reads
         for relpath, raw in ((f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays)),
-                             (f"index/{self.build_id}.docs.json", json.dumps(self._docs, sort_keys=True).encode())):
+                             (f"index/{self.build_id}.docs.json", bytes(self._docs.to_json()))):
             self.location.write(relpath, raw)
             files[relpath] = file_record(raw)
         for a in merged.arrays:
@@ -306,6 +359,7 @@ class StoreWriter:
         manifest = self._publish(fresh, added_bytes, info, files)
         self._cleanup_journals()
         self.closed = True
+        self._docs.close()
         return manifest
 
     def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any],
@@ -352,6 +406,28 @@ class StoreWriter:
                 self._wait_and_journal()
             finally:
                 self._pending = []
+                self._docs.close()
+
+    def discard(self) -> bool:
+        """After a failed build: remove the store this writer created, if nothing durable came of
+        it (no version, no journal). Returns True if it removed the store.
+
+        A bad input found only once the build streams (a malformed line deep in the corpus) then
+        leaves no store behind, as one found before the start does.
+        """
+        self.close()
+        if not self.created_store or self._journal_seq:
+            return False
+        if self.location.list("versions/") or self.location.list("journal/"):
+            return False
+        self.location.delete_prefix(f"arrays/{self.build_id}/")
+        self.location.kv.delete_range(ts.KvStore.KeyRange(STORE_FILE, STORE_FILE + "\x00")).result()
+        if self.location.is_local:
+            root = self.location.spec["path"]
+            with contextlib.suppress(OSError):  # not empty: someone else is writing here
+                for folder, _, _ in os.walk(root, topdown=False):
+                    os.rmdir(folder)
+        return True
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -16,6 +16,7 @@ import pytest
 import erstore
 from erstore.builder import BuildConfig, build
 from erstore.cli import main
+from erstore.manifest import decode_index
 from erstore.verify import verify
 from tests.conftest import SENTENCES, TOKENIZER_FILES, minilm_path, write_jsonl
 
@@ -57,14 +58,18 @@ def config(model, corpus, store, **kw):
                        max_length=64, batch_size=2, progress=False, **kw)
 
 
-def start_and_interrupt(model, corpus, store, sig) -> int:
+# Flushes by bytes never happen here (1 GiB); only the time-based flush (every 0.5 s) journals.
+TIMED_SCRIPT = BUILD_SCRIPT.replace('{"flush_bytes": 4096}', '{"flush_bytes": 1 << 30, "journal_seconds": 0.5}')
+
+
+def start_and_interrupt(model, corpus, store, sig, *, script=BUILD_SCRIPT, journals=3) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(model), str(corpus), str(store)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(model), str(corpus), str(store)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     journal = store / "journal"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and sum(1 for _ in journal.rglob("*.idx")) >= 3:
+        if journal.exists() and sum(1 for _ in journal.rglob("*.idx")) >= journals:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the build finished before it could be interrupted"
@@ -103,6 +108,29 @@ def test_interrupted_build_keeps_versions_and_resumes(wide_bert, corpus, tmp_pat
     assert final.manifest.totals.sequences == len(final)
     assert len(final) == first.version.totals.sequences + clean.version.added.sequences - overlap
     assert not any((store / "journal").rglob("*.idx"))  # resume aid cleaned up after commit
+
+
+def test_kill_mid_compute_after_a_timed_journal_resumes_part_and_computes_the_rest(wide_bert, tmp_path):
+    """Journals by time, not only by bytes: a build killed after its first timed flush loses
+    only the work since, and the resumed build equals an uninterrupted one bit for bit."""
+    store = tmp_path / "s"
+    big = big_corpus(tmp_path / "big.jsonl", n=1200)
+    rc = start_and_interrupt(wide_bert, big, store, signal.SIGKILL, script=TIMED_SCRIPT, journals=2)
+    assert rc != 0
+    assert not list(store.glob("versions/*.json"))  # nothing committed by the killed build
+    durable = sum(len(decode_index(p.read_bytes(), str(p))[0]) for p in (store / "journal").rglob("*.idx"))
+    assert durable > 0
+
+    [resumed] = build(config(wide_bert, big, store))
+    assert resumed.resumed == durable > 0, "journaled rows of the killed build were recomputed"
+    assert 0 < resumed.computed < resumed.windows
+    [clean] = build(config(wide_bert, big, tmp_path / "clean"))
+    final, reference = erstore.open(store), erstore.open(tmp_path / "clean")
+    keys = list(reference)
+    assert set(final) == set(keys) and resumed.computed + resumed.resumed == clean.computed
+    for a, b in zip(final.read(keys), reference.read(keys)):
+        assert a.states.tobytes() == b.states.tobytes() and a.token_ids.tolist() == b.token_ids.tolist()
+    assert verify(final).ok
 
 
 def test_verify_names_corrupt_keys_and_exits_nonzero(tiny_bert, corpus, tmp_path):
