@@ -148,7 +148,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
         if "://" not in path and not Path(path).exists():
             created[path] = _first_missing(Path(path).expanduser().resolve())
     corpus_options = config.corpus_options()
-    check_corpus(config.corpus, **corpus_options)
+    check_corpus(config.corpus, **corpus_options)  # a peek at the first record, before any weights
     clock.lap("check")
 
     from erstore.model import LayerExtractor
@@ -262,6 +262,10 @@ def _check(config: BuildConfig) -> tuple[Any, Any, list[int], Windower, Any]:
 
 def _model_config(name: Any) -> Any:
     if not isinstance(name, (str, os.PathLike)):  # a loaded model: its own config
+        if not hasattr(getattr(name, "config", None), "to_diff_dict"):
+            raise InvalidInputError(
+                f"model must be a name, a folder or a loaded transformers model, got {type(name).__name__}"
+            )
         return name.config
     import transformers
     from transformers import AutoConfig

@@ -10,8 +10,10 @@ exact segment boundaries and a canonical JSON form to fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +105,28 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _settings_kept(tokenizer: Any) -> Iterator[None]:
+    """Put back the truncation/padding settings a call sets on the Rust tokenizer.
+
+    Its JSON (the fingerprint) includes them, so without this a tokenizer object that a build
+    (or `Store.key_for`) used would no longer match its own recipe in the next build.
+    """
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
+
+
 @dataclass
 class Windower:
     """Splits texts into the token windows of a recipe."""
@@ -129,22 +153,9 @@ class Windower:
         added dropped) minus the `stride` tokens it repeats from the previous one, concatenated.
         """
         text = " ".join(f"w{i}" for i in range(4 * self.max_length))
-        # Calls set truncation/padding on the Rust tokenizer, which its JSON (the fingerprint)
-        # includes: put them back, so that creating a Windower does not change the fingerprint.
-        backend = self.tokenizer.backend_tokenizer
-        truncation, padding = backend.truncation, backend.padding
-        try:
+        with _settings_kept(self.tokenizer):
             full = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            windows = self._encode([text], None, return_special_tokens_mask=True)
-        finally:
-            if truncation is None:
-                backend.no_truncation()
-            else:
-                backend.enable_truncation(**truncation)
-            if padding is None:
-                backend.no_padding()
-            else:
-                backend.enable_padding(**padding)
+        windows = self._encode([text], None, return_special_tokens_mask=True)
         kept: list[int] = []
         for i, (ids, added) in enumerate(zip(windows["input_ids"], windows["special_tokens_mask"])):
             content = [t for t, special in zip(ids, added) if not special]  # [UNK] stays: it is content
@@ -187,18 +198,19 @@ class Windower:
         if split_words and pairs is not None:
             raise InvalidInputError("pre-tokenized input (a words field) cannot have a text pair")
         try:
-            return self.tokenizer(
-                texts,
-                pairs,
-                max_length=self.max_length,
-                stride=self.stride,
-                truncation="only_second" if pairs is not None else True,
-                return_overflowing_tokens=True,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                is_split_into_words=split_words,
-                **extra,
-            )
+            with _settings_kept(self.tokenizer):
+                return self.tokenizer(
+                    texts,
+                    pairs,
+                    max_length=self.max_length,
+                    stride=self.stride,
+                    truncation="only_second" if pairs is not None else True,
+                    return_overflowing_tokens=True,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                    is_split_into_words=split_words,
+                    **extra,
+                )
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise InvalidInputError(
                 f"cannot tokenize with max_length={self.max_length}, stride={self.stride}: {e}. "

@@ -114,7 +114,7 @@ def test_iter_corpus_shards_files_and_keeps_ids_global(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("".join(f"line {i}\n" for i in range(10)))
     split = [[d.id for d in iter_corpus(one, shard=(r, 2))] for r in range(2)]
-    assert split == [[str(i) for i in range(0, 10, 2)], [str(i) for i in range(1, 10, 2)]]
+    assert all(split) and sorted(split[0] + split[1], key=int) == [str(i) for i in range(10)]  # a partition
 
 
 def test_time_based_flushes_journal_without_filling_a_chunk(tiny_bert, corpus, tmp_path):
