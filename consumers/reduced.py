@@ -198,7 +198,6 @@ class ReducedModel(nn.Module, Serving):
 
         recipe = store.recipe
         self.check_store(store)
-        windows = [store.tokenize(t, None if pairs is None else pairs[i]) for i, t in enumerate(texts)]
         keys = [[window_key(ids, b) for ids, b in ws] for ws in windows]
         states: dict[str, np.ndarray] = {}
         hits = sorted({k for ks in keys for k in ks if k in store})

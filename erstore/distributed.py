@@ -25,6 +25,7 @@ import numpy as np
 from erstore.builder import build as _single_process_build
 from erstore.index import KeyIndex
 from erstore.manifest import RECORD_DTYPE, VersionManifest, encode_index
+from erstore.validate import array_file_records, file_record
 from erstore.writer import StoreWriter
 
 
@@ -39,6 +40,12 @@ class RankWriter(StoreWriter):
         dist.barrier(group=group)
         super().__init__(*args, **kwargs)
         self.rank, self.world_size, self.group = rank, world_size, group
+
+    def discard(self) -> bool:
+        """Never remove the store: sibling ranks may still be writing into it (and journaling
+        rows a rerun adopts) after this rank failed."""
+        self.close()
+        return False
 
     def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
         """Every rank calls this; rank 0 commits all ranks' rows as one version."""
@@ -67,11 +74,16 @@ class RankWriter(StoreWriter):
         fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]
         if not len(fresh):
             return None
-        self.location.write(f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays))
         # Each rank's map is a JSON object of its documents; their members concatenate.
         members = [g["docs"].strip()[1:-1].strip() for g in gathered]
         docs = b"{" + b", ".join(m for m in members if m) + b"}"
-        self.location.write(f"index/{self.build_id}.docs.json", docs)
+        files = {}  # size and checksum of every file this version adds, for verified reads
+        for relpath, raw in ((f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays)),
+                             (f"index/{self.build_id}.docs.json", docs)):
+            self.location.write(relpath, raw)
+            files[relpath] = file_record(raw)
+        for a in merged.arrays:
+            files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
         added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
         builds = [g["build"] for g in gathered]
         info = {**builds[0], "ranks": len(builds)}
@@ -84,7 +96,7 @@ class RankWriter(StoreWriter):
             info["seconds"] = {**(builds[0].get("seconds") or {}), "compute": max(phases) * len(builds)}
             info["tokens_per_second"] = round(info["computed_tokens"] / max(phases) / len(builds), 1)
         info["rank_builds"] = builds
-        return self._publish(fresh, added_bytes, info).to_json().decode()
+        return self._publish(fresh, added_bytes, info, files).to_json().decode()
 
 
 def build(config: Any) -> list[Any]:

@@ -102,8 +102,10 @@ def _non_empty(folder: str) -> bool:
         return any(not (e.name.startswith(".probe-") or e.name.endswith(".__lock")) for e in entries)
 
 
-def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
-    """Create the store if absent; otherwise check that `recipe` matches the stored one."""
+def ensure_store(location: Location, recipe: Recipe) -> tuple[StoreMeta, bool]:
+    """Create the store if absent; otherwise check that `recipe` matches the stored one.
+
+    Returns the store's metadata and whether this call created it (won the write-if-absent)."""
     location.check_writable()
     raw = location.read(STORE_FILE)
     if raw is None:
@@ -114,7 +116,7 @@ def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
             )
         meta = StoreMeta(recipe, utc_now(), library_versions())
         if location.write_if_absent(STORE_FILE, meta.to_json()):
-            return meta
+            return meta, True
         raw = location.read(STORE_FILE)  # another writer created it first
     meta = StoreMeta.from_json(raw or b"", f"{location.url}/{STORE_FILE}")
     diffs = meta.recipe.differences(recipe)
@@ -123,7 +125,7 @@ def ensure_store(location: Location, recipe: Recipe) -> StoreMeta:
             f"{location.url} holds a store built with another recipe ({'; '.join(diffs)}). "
             "Build into a different --store, or use the store's settings"
         )
-    return meta
+    return meta, False
 
 
 class StoreWriter:
@@ -140,8 +142,8 @@ class StoreWriter:
                  flush_bytes: int = FLUSH_BYTES, journal_seconds: float = JOURNAL_SECONDS,
                  track_new_keys: bool = True, **location_options: Any):
         self.location = Location.open(url, **location_options)
-        self.created_store = self.location.read(STORE_FILE) is None
-        self.meta = ensure_store(self.location, recipe)
+        # Only the writer whose write-if-absent made erstore.json may remove it (see discard).
+        self.meta, self.created_store = ensure_store(self.location, recipe)
         self.recipe = self.meta.recipe
         self.codec = codec_from_dict(self.recipe.codec)
         self.build_id = new_build_id()

@@ -202,7 +202,7 @@ def test_cli_build_takes_a_words_field(tiny_bert, stores, tmp_path):
     assert sorted(built) == sorted(stores[0]) and built.windows("long") == stores[0].windows("long")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "words": "not a list"}])
     fail = CliRunner().invoke(main, [*args[:-1], str(bad), "--words-field", "words", "--store", str(tmp_path / "b")])
-    assert fail.exit_code != 0 and "bad.jsonl:1" in fail.output and "list of words" in fail.output
+    assert fail.exit_code != 0 and "bad.jsonl:1" in fail.output and "list of non-empty strings" in fail.output
     assert not (tmp_path / "b" / "versions").exists()
 
 
