@@ -85,7 +85,7 @@ def plain(states: np.ndarray) -> np.ndarray:
     return states if states.dtype in (np.float16, np.float32) else states.astype(np.float32)
 
 
-def export(store: Store | str | os.PathLike[str], out: str | os.PathLike[str], *, format: str,  # noqa: A002
+def export(store: Store | str | os.PathLike[str], out: str | os.PathLike[str], *, format: str,
            version: int | str | None = None, keys: Sequence[str] | None = None, overwrite: bool = False,
            batch_bytes: int = BATCH_BYTES, shard_bytes: int = SHARD_BYTES, **location_options: Any) -> ExportResult:
     """Write `keys` (default: every sequence) of a store version to `out` as `format`.
@@ -127,7 +127,7 @@ def export(store: Store | str | os.PathLike[str], out: str | os.PathLike[str], *
 def _pyarrow() -> Any:
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError as e:
         raise InvalidInputError("exporting Parquet needs pyarrow; pip install 'erstore[formats]'") from e
     return pyarrow

@@ -13,8 +13,15 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erstore.corpus import DEFAULT_CORPUS, Document, _SeenIds, check_corpus, iter_corpus, read_corpus
+from erstore.corpus import (
+    DEFAULT_CORPUS,
+    Document,
+    check_corpus,
+    iter_corpus,
+    read_corpus,
+)
 from erstore.corpus_files import BLOCK_ROWS
+from erstore.corpus_rows import SeenIds
 from erstore.errors import InvalidInputError
 
 pa = pytest.importorskip("pyarrow")
@@ -203,7 +210,7 @@ def test_csv_is_not_read_as_plain_text(tmp_path):
     path.write_text('text,label\n"Hello, world",1\n"Two\nlines",0\n')
     assert read_corpus(path) == [Document("0", "Hello, world"), Document("1", "Two\nlines")]
     # --format overrides the extension, for every file
-    assert [d.text for d in read_corpus(path, format="text")][0] == "text,label"
+    assert read_corpus(path, format="text")[0].text == "text,label"
 
 
 def test_missing_and_unknown_sources(tmp_path):
@@ -235,7 +242,7 @@ def test_duplicate_ids_are_found_across_blocks(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 40).map(str), max_size=30), max_size=8))
 def test_seen_ids_reports_exactly_the_first_repeat(blocks):
-    seen, reference = _SeenIds(), set()
+    seen, reference = SeenIds(), set()
     for block in blocks:
         expected = -1
         local = set()
