@@ -11,7 +11,7 @@ ranges of an uncompressed JSONL/text file (aligned to line starts; the line numb
 first line is found by counting newlines before it, which is a memchr, not a parse), Parquet
 row groups, Arrow record batches. Compressed files and CSV cannot be entered in the middle.
 
-Not here: building `Document`s from rows (erstore.corpus), remote URLs (hf://, s3://: download
+Not here: building `Document`s from rows (erstore.corpus_rows), remote URLs (hf://, s3://: download
 first), schema inference beyond "this column exists and holds text".
 """
 

@@ -257,3 +257,19 @@ def test_seen_ids_reports_exactly_the_first_repeat(blocks):
         reference |= local
     assert sum(len(r) for r in seen._runs) == len(reference)
     assert all(np.all(r[1:] > r[:-1]) for r in seen._runs)
+
+
+def test_without_pyarrow_the_error_names_the_extra(tmp_path):
+    """A real interpreter in which pyarrow cannot be imported: JSONL still reads, Parquet names the extra."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "parquet")
+    (tmp_path / "c.jsonl").write_bytes(_jsonl_bytes(ROWS[:3]))
+    code = ("import sys; sys.modules['pyarrow'] = None\n"
+            "from erstore.corpus import read_corpus\n"
+            f"assert len(read_corpus({str(tmp_path / 'c.jsonl')!r})) == 3\n"
+            f"read_corpus({str(path)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "needs pyarrow; install it with pip install 'erstore[formats]'" in proc.stderr
