@@ -100,7 +100,7 @@ def check_corpus(source: Any, *, format: str | None = None, text_field: str = "t
     """
     if _is_path(source) and os.fspath(source) == DEFAULT_CORPUS:
         return
-    if not _is_path(source) and iter(source) is source:
+    if not _is_path(source) and isinstance(source, Iterator):
         return
     for _ in iter_corpus(source, format=format, text_field=text_field, pair_field=pair_field,
                          id_field=id_field, words_field=words_field, limit=1):
