@@ -95,6 +95,12 @@ def test_cli_reads_parquet_and_forced_formats(tiny_bert, tmp_path):
     assert result.exit_code == 0, result.output
     with erstore.open(tmp_path / "s2") as s:
         assert s.windows("1") == [s.key_for(SENTENCES[1])]
+    import gzip
+
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(log.read_bytes()))
+    result = cli("build", "--model", tiny_bert, "--corpus", tmp_path / "c.jsonl.gz", "--store", tmp_path / "s2",
+                 "--max-length", 64, "--quiet")
+    assert result.exit_code == 0 and "nothing new in 2 windows" in result.output, result.output
 
 
 @pytest.mark.parametrize(("name", "content", "match"), [
