@@ -62,7 +62,11 @@ def open(path: str | os.PathLike[str], *, version: int | str | None = None, **op
 
 
 def build(config: BuildConfig | None = None, **options: Any) -> list[BuildResult]:
-    """Run `erstore build` from Python: `erstore.build(model=..., layers=(3,), corpus=..., store=...)`."""
+    """Run `erstore build` from Python: `erstore.build(model=..., layers=3, corpus=..., store=...)`.
+
+    `model` / `tokenizer` may be loaded transformers objects; `corpus` a path in any supported
+    format, a `datasets.Dataset`, or any iterable of strings or dicts (see docs/corpus.md).
+    """
     from erstore.builder import BuildConfig
     from erstore.builder import build as run
 

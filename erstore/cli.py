@@ -303,11 +303,12 @@ def export_command(path: str, fmt: str, out: str | None, version: str | None, ke
     from pathlib import Path
 
     from erstore.builder import slug
+    from erstore.export import CACHE_BYTES
     from erstore.export import export as run
     from erstore.store import Store
 
     keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()] if keys_file else None
-    with Store(path, version=_version(version), **_remote(endpoint, region)) as store:
+    with Store(path, version=_version(version), cache_bytes=CACHE_BYTES, **_remote(endpoint, region)) as store:
         target = out or f"{slug(path)}-v{store.version or 0}.{fmt}"
         r = run(store, target, format=fmt, keys=keys, overwrite=overwrite)
     _print(r.to_dict(), as_json, f"exported {r.sequences} sequences ({r.tokens} tokens) of version {r.version} "

@@ -17,9 +17,9 @@ contiguous rows of a Dataset), reads nothing of the others' data. Files that can
 in the middle (compressed, CSV) and one-shot iterables are read by every rank, each keeping every
 world-th document.
 
-Duplicate ids (only possible with `id_field`) are found with 8 bytes per document (xxh3-64 of
-each id, kept in sorted numpy runs), not a set of strings: ~32 MB for the ~4M documents of a
-1B-token corpus. Duplicates across ranks are not seen by one rank.
+Duplicate ids (only possible with `id_field`) are found with 8 bytes per document (a 64-bit
+hash of each id, kept in sorted numpy runs), not a set of strings: ~32 MB for the ~4M documents
+of a 1B-token corpus. Duplicates across ranks are not seen by one rank.
 
 The default corpus is real English prose available offline without shipping a data file: the
 paragraphs of the Python standard library's docstrings, read with `ast` (nothing is imported or
@@ -35,45 +35,16 @@ import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import xxhash
-
 from erstore import corpus_files
 from erstore.corpus_files import BLOCK_ROWS, Block
+from erstore.corpus_rows import FLAGS, Document, Fields, SeenIds, documents
 from erstore.errors import InvalidInputError
 
 DEFAULT_CORPUS = "stdlib-docstrings"
 DEFAULT_CORPUS_SIZE = 4000
-FLAGS = {"text": "--text-field", "pair": "--pair-field", "id": "--id-field", "words": "--words-field"}
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-    pair: str | None = None
-    words: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Fields:
-    """Which field (JSON key, column, dict key) holds what. Without a text field in a record,
-    `words` joined by single spaces are the text (how `erstore.labels.word_labels` joins them)."""
-
-    text: str = "text"
-    pair: str | None = None
-    id: str | None = None
-    words: str | None = None
-
-    def columns(self) -> list[str]:
-        return list(dict.fromkeys(c for c in (self.text, self.pair, self.id, self.words) if c))
-
-    def optional(self) -> frozenset[str]:
-        return frozenset([self.text]) if self.words else frozenset()
 
 
 def iter_corpus(source: Any, *, format: str | None = None, text_field: str = "text",
@@ -91,10 +62,10 @@ def iter_corpus(source: Any, *, format: str | None = None, text_field: str = "te
     # With a limit, "the first N documents" is a global notion: every rank reads them and keeps its stripe.
     stripe_after = world > 1 and limit is not None
     blocks = _blocks(source, format, fields, (0, 1) if stripe_after else (rank, world), limit)
-    seen = _SeenIds() if id_field else None
+    seen = SeenIds() if id_field else None
     count = 0
     for block in blocks:
-        docs = _documents(block, fields)
+        docs = documents(block, fields)
         if limit is not None:
             docs = docs[: limit - count]
         if seen is not None:
@@ -102,10 +73,11 @@ def iter_corpus(source: Any, *, format: str | None = None, text_field: str = "te
             if bad >= 0:
                 raise InvalidInputError(f"{block.location(bad)}: duplicate document id {docs[bad].id!r} in "
                                         f"field {id_field!r}; ids must be unique (or leave out --id-field)")
-        for doc in docs:
-            count += 1
-            if not stripe_after or (count - 1) % world == rank:
-                yield doc
+        if stripe_after:
+            yield from (d for j, d in enumerate(docs, count) if j % world == rank)
+        else:
+            yield from docs
+        count += len(docs)
         if limit is not None and count >= limit:
             return
     if count == 0 and world == 1:
@@ -128,7 +100,7 @@ def check_corpus(source: Any, *, format: str | None = None, text_field: str = "t
     """
     if _is_path(source) and os.fspath(source) == DEFAULT_CORPUS:
         return
-    if not _is_path(source) and iter(source) is source:
+    if not _is_path(source) and isinstance(source, Iterator):
         return
     for _ in iter_corpus(source, format=format, text_field=text_field, pair_field=pair_field,
                          id_field=id_field, words_field=words_field, limit=1):
@@ -259,7 +231,7 @@ def _table_blocks(source: Any, fields: Fields, rank: int, world: int, *, dataset
         tables = source.slice(start, stop - start).select(present).to_batches(max_chunksize=BLOCK_ROWS)
     first = start
     for table in tables:
-        cols = {c: table.column(c).to_pylist() for c in present}
+        cols = {c: table.column(c) for c in present}
         yield Block(range(first, first + table.num_rows), "corpus", columns=cols)
         first += table.num_rows
 
@@ -285,114 +257,6 @@ def _present(names: list[str], fields: Fields) -> list[str]:
             raise InvalidInputError(f"the corpus has no column {name!r} (columns: {', '.join(names) or 'none'}); "
                                     f"name the right one with {FLAGS[kind]} ({kind}_field=)")
     return [c for c in fields.columns() if c in names]
-
-
-# -- blocks -> documents --------------------------------------------------------------------------
-def _documents(block: Block, fields: Fields) -> list[Document]:
-    """One `Document` per row of `block`, every field checked (the error names its row)."""
-    out = []
-    if block.columns is not None:
-        cols = block.columns
-        texts, pairs = cols.get(fields.text), cols.get(fields.pair) if fields.pair else None
-        ids, words = cols.get(fields.id) if fields.id else None, cols.get(fields.words) if fields.words else None
-        for i, row in enumerate(block.rows):
-            w = _words(words[i], fields.words, block, i) if words is not None else None
-            text = _text(texts[i], fields.text, block, i) if texts is not None else " ".join(w or ())
-            pair = _text(pairs[i], fields.pair, block, i) if pairs is not None else None
-            doc_id = _id(ids[i], fields.id, block, i) if ids is not None else f"{block.prefix}{block.offset + row}"
-            out.append(Document(doc_id, text, pair, w))
-        return out
-    for i, (row, rec) in enumerate(zip(block.rows, block.records or ())):
-        if isinstance(rec, Mapping):
-            out.append(_from_mapping(rec, fields, block, i, row))
-        elif isinstance(rec, str) and not block.strict:
-            for name, kind in ((fields.pair, "pair"), (fields.id, "id"), (fields.words, "words")):
-                if name:
-                    raise InvalidInputError(f"{block.location(i)}: a plain text has no {kind} field {name!r}; "
-                                            "use JSONL, CSV or Parquet (or dicts) for fields")
-            out.append(Document(f"{block.prefix}{block.offset + row}", _text(rec, "text", block, i)))
-        elif isinstance(rec, Document) and not block.strict:
-            out.append(rec)
-        else:
-            expected = ("a JSON object (JSON Lines: one object per line)" if block.strict
-                        else "a string, a dict or a Document")
-            raise InvalidInputError(f"{block.location(i)}: expected {expected}, got {type(rec).__name__}")
-    return out
-
-
-def _from_mapping(rec: Mapping[str, Any], fields: Fields, block: Block, i: int, row: int) -> Document:
-    def get(name: str, kind: str) -> Any:
-        if name not in rec:
-            raise InvalidInputError(
-                f"{block.location(i)}: no field {name!r} (fields: {', '.join(sorted(map(str, rec))) or 'none'}); "
-                f"name the right one with {FLAGS[kind]}"
-            )
-        return rec[name]
-
-    w = _words(get(fields.words, "words"), fields.words, block, i) if fields.words else None
-    if w is not None and fields.text not in rec:
-        text = " ".join(w)
-    else:
-        text = _text(get(fields.text, "text"), fields.text, block, i)
-    pair = _text(get(fields.pair, "pair"), fields.pair, block, i) if fields.pair else None
-    doc_id = _id(get(fields.id, "id"), fields.id, block, i) if fields.id else f"{block.prefix}{block.offset + row}"
-    return Document(doc_id, text, pair, w)
-
-
-def _text(value: Any, name: str | None, block: Block, i: int) -> str:
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise InvalidInputError(f"{block.location(i)}: field {name!r} must be a non-empty string, got "
-                            f"{_short(value)}; fill or drop the row")
-
-
-def _id(value: Any, name: str | None, block: Block, i: int) -> str:
-    if (isinstance(value, str) and value) or (isinstance(value, int) and not isinstance(value, bool)):
-        return str(value)
-    raise InvalidInputError(f"{block.location(i)}: id field {name!r} must be a non-empty string or an "
-                            f"integer, got {_short(value)}")
-
-
-def _words(value: Any, name: str | None, block: Block, i: int) -> tuple[str, ...]:
-    if isinstance(value, (list, tuple)) and value and all(isinstance(w, str) and w for w in value):
-        return tuple(value)
-    raise InvalidInputError(f"{block.location(i)}: words field {name!r} must be a non-empty list of "
-                            f"non-empty strings, got {_short(value)}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _SeenIds:
-    """Exact-enough duplicate detection in 8 bytes per id: xxh3-64 hashes in sorted runs whose
-    sizes double (an LSM), so adding n ids costs O(n log n) and memory never holds the strings.
-    A 64-bit collision (odds ~n^2 / 2^65: 1 in 2 million at 4M documents) reads as a duplicate."""
-
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
-
-    def add(self, ids: list[str]) -> int:
-        """Record `ids`; return the index of the first one seen before (or repeated), else -1."""
-        if not ids:
-            return -1
-        h = np.fromiter((xxhash.xxh3_64_intdigest(i.encode()) for i in ids), dtype=np.uint64, count=len(ids))
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
-        bad = [int(order[j + 1]) for j in np.flatnonzero(hs[1:] == hs[:-1])]
-        for run in self._runs:
-            pos = np.minimum(np.searchsorted(run, h), len(run) - 1)
-            bad += np.flatnonzero(run[pos] == h).tolist()
-        if bad:
-            return min(bad)
-        new = hs
-        while self._runs and len(self._runs[-1]) <= len(new):
-            new = np.sort(np.concatenate([self._runs.pop(), new]))
-        self._runs.append(new)
-        return -1
 
 
 _WORD = re.compile(r"[A-Za-z]{2,}")

@@ -11,7 +11,7 @@ ranges of an uncompressed JSONL/text file (aligned to line starts; the line numb
 first line is found by counting newlines before it, which is a memchr, not a parse), Parquet
 row groups, Arrow record batches. Compressed files and CSV cannot be entered in the middle.
 
-Not here: building `Document`s from rows (erstore.corpus), remote URLs (hf://, s3://: download
+Not here: building `Document`s from rows (erstore.corpus_rows), remote URLs (hf://, s3://: download
 first), schema inference beyond "this column exists and holds text".
 """
 
@@ -70,7 +70,8 @@ class CorpusFile:
 @dataclass(frozen=True)
 class Block:
     """Consecutive rows of one file (or in-memory source): `rows` are their row/line indices
-    (0-based), with either row-wise `records` or `columns` (name -> one value per row).
+    (0-based), with either row-wise `records` or `columns` (name -> Arrow array or list, one
+    value per row).
     `strict`: records must be mappings (JSON objects), not strings."""
 
     rows: Sequence[int]
@@ -284,14 +285,11 @@ def _count_newlines(fh: Any, start: int, stop: int) -> int:
     return n
 
 
-def _decode(line: bytes, where: str) -> str:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(
-            f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); convert the "
-            "file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
-        ) from e
+def _utf8_error(line: bytes, e: UnicodeDecodeError, where: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); convert the "
+        "file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+    )
 
 
 def _read_lines(f: CorpusFile, parts: Any, stripe: Any) -> Iterator[Block]:
@@ -300,7 +298,10 @@ def _read_lines(f: CorpusFile, parts: Any, stripe: Any) -> Iterator[Block]:
     values: list[Any] = []
     jsonl = f.format == "jsonl"
     for lineno, raw in _lines(f, parts, stripe):
-        text = _decode(raw, f"{where}:{lineno + 1}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _utf8_error(raw, e, f"{where}:{lineno + 1}") from e
         if not text.strip():
             continue
         if jsonl:
@@ -330,7 +331,8 @@ def _check_columns(f: CorpusFile, names: list[str], columns: list[str], optional
     return [c for c in columns if c in names]
 
 
-def _columns_of(batch: Any, f: CorpusFile, names: list[str]) -> dict[str, list[Any]]:
+def _columns_of(batch: Any, f: CorpusFile, names: list[str]) -> dict[str, Any]:
+    """The batch's columns as Arrow arrays (converted to Python once, in erstore.corpus_rows)."""
     pa = _pyarrow("columnar")
     out = {}
     for name in names:
@@ -338,7 +340,7 @@ def _columns_of(batch: Any, f: CorpusFile, names: list[str]) -> dict[str, list[A
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             raise InvalidInputError(f"{f.path}: column {name!r} holds bytes, not text (is it UTF-8?); "
                                     "convert the file to UTF-8 text")
-        out[name] = col.to_pylist()
+        out[name] = col
     return out
 
 
@@ -373,8 +375,7 @@ def _read_csv(f: CorpusFile, columns: list[str], optional: frozenset[str], strip
                             offset=f.row_offset)
     except pa.ArrowInvalid as e:
         if "UTF8" in str(e):
-            raise InvalidInputError(_first_bad_utf8(f) + "; convert the file to UTF-8, e.g. iconv -f "
-                                    "latin1 -t utf-8 IN > OUT") from e
+            raise InvalidInputError(_first_bad_utf8(f)) from e
         raise InvalidInputError(f"{f.path}: cannot parse as {f.format.upper()} ({e}); fix the file or "
                                 "pick the format with --format") from e
 
@@ -385,8 +386,8 @@ def _first_bad_utf8(f: CorpusFile) -> str:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                return f"{f.path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"
-    return f"{f.path}: not valid UTF-8"
+                return str(_utf8_error(line, e, f"{f.path}:{lineno}"))
+    return f"{f.path}: not valid UTF-8; convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
 
 
 def _read_parquet(f: CorpusFile, columns: list[str], optional: frozenset[str],

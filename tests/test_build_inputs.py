@@ -30,7 +30,7 @@ def test_lists_generators_and_datasets_build_what_the_jsonl_builds(tiny_bert, tm
     expected, _ = keys_of(tmp_path / "ref")
     for name, corpus in [("list", list(SENTENCES)), ("dicts", rows), ("generator", (s for s in SENTENCES)),
                          ("dataset", datasets.Dataset.from_list(rows))]:
-        [result] = run(tiny_bert, corpus, tmp_path / name, layers=2)
+        run(tiny_bert, corpus, tmp_path / name, layers=2)
         assert keys_of(tmp_path / name)[0] == expected, name
         with erstore.open(tmp_path / name) as s:
             assert s.windows("3") == [s.key_for(SENTENCES[3])]
@@ -40,7 +40,7 @@ def test_lists_generators_and_datasets_build_what_the_jsonl_builds(tiny_bert, tm
 def test_loaded_model_and_tokenizer_objects_fingerprint_like_their_folder(tiny_bert, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    [by_path] = run(tiny_bert, list(SENTENCES), tmp_path / "s", layers=(2,))
+    run(tiny_bert, list(SENTENCES), tmp_path / "s", layers=(2,))
     model, tokenizer = AutoModel.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert)
     # Same weights and tokenizer definition: the same recipe, so the same store accepts the build.
     [again] = run(tiny_bert, list(SENTENCES), tmp_path / "s", layers=(2,), model=model, tokenizer=tokenizer)
@@ -95,6 +95,12 @@ def test_cli_reads_parquet_and_forced_formats(tiny_bert, tmp_path):
     assert result.exit_code == 0, result.output
     with erstore.open(tmp_path / "s2") as s:
         assert s.windows("1") == [s.key_for(SENTENCES[1])]
+    import gzip
+
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(log.read_bytes()))
+    result = cli("build", "--model", tiny_bert, "--corpus", tmp_path / "c.jsonl.gz", "--store", tmp_path / "s2",
+                 "--max-length", 64, "--quiet")
+    assert result.exit_code == 0 and "nothing new in 2 windows" in result.output, result.output
 
 
 @pytest.mark.parametrize(("name", "content", "match"), [

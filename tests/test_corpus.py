@@ -13,8 +13,15 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erstore.corpus import DEFAULT_CORPUS, Document, _SeenIds, check_corpus, iter_corpus, read_corpus
+from erstore.corpus import (
+    DEFAULT_CORPUS,
+    Document,
+    check_corpus,
+    iter_corpus,
+    read_corpus,
+)
 from erstore.corpus_files import BLOCK_ROWS
+from erstore.corpus_rows import SeenIds
 from erstore.errors import InvalidInputError
 
 pa = pytest.importorskip("pyarrow")
@@ -203,7 +210,7 @@ def test_csv_is_not_read_as_plain_text(tmp_path):
     path.write_text('text,label\n"Hello, world",1\n"Two\nlines",0\n')
     assert read_corpus(path) == [Document("0", "Hello, world"), Document("1", "Two\nlines")]
     # --format overrides the extension, for every file
-    assert [d.text for d in read_corpus(path, format="text")][0] == "text,label"
+    assert read_corpus(path, format="text")[0].text == "text,label"
 
 
 def test_missing_and_unknown_sources(tmp_path):
@@ -235,7 +242,7 @@ def test_duplicate_ids_are_found_across_blocks(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 40).map(str), max_size=30), max_size=8))
 def test_seen_ids_reports_exactly_the_first_repeat(blocks):
-    seen, reference = _SeenIds(), set()
+    seen, reference = SeenIds(), set()
     for block in blocks:
         expected = -1
         local = set()
@@ -250,3 +257,19 @@ def test_seen_ids_reports_exactly_the_first_repeat(blocks):
         reference |= local
     assert sum(len(r) for r in seen._runs) == len(reference)
     assert all(np.all(r[1:] > r[:-1]) for r in seen._runs)
+
+
+def test_without_pyarrow_the_error_names_the_extra(tmp_path):
+    """A real interpreter in which pyarrow cannot be imported: JSONL still reads, Parquet names the extra."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "parquet")
+    (tmp_path / "c.jsonl").write_bytes(_jsonl_bytes(ROWS[:3]))
+    code = ("import sys; sys.modules['pyarrow'] = None\n"
+            "from erstore.corpus import read_corpus\n"
+            f"assert len(read_corpus({str(tmp_path / 'c.jsonl')!r})) == 3\n"
+            f"read_corpus({str(path)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "needs pyarrow; install it with pip install 'erstore[formats]'" in proc.stderr

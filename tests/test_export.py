@@ -124,7 +124,7 @@ def test_arrays_carry_their_real_row_count(read_store):
 
 def test_a_store_reads_with_only_zarr_and_numpy(read_store):
     """The example of docs/format.md, run as written on a real store, gives what store.get gives."""
-    code = re.search(r"## Example: plain zarr \+ numpy\n\n```python\n(.*?)```", DOCS.read_text(), re.S).group(1)
+    code = re.search(r"## Example: plain zarr \+ numpy\n\n```python\n(.*?)```", DOCS.read_text(), re.DOTALL).group(1)
     code = code.replace('root = "stores/minilm-l3/"', f'root = "{read_store}/"')
     scope: dict = {}
     exec(compile(code, str(DOCS), "exec"), scope)  # noqa: S102 (our own documentation)
