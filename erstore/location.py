@@ -17,7 +17,12 @@ from typing import Any
 
 import tensorstore as ts
 
-from erstore.errors import ErstoreError, StoreNotFoundError, StorePermissionError, StoreUnreachableError
+from erstore.errors import (
+    ErstoreError,
+    StoreNotFoundError,
+    StorePermissionError,
+    StoreUnreachableError,
+)
 from erstore.integrity import confined, damaged
 
 # The generation TensorStore reports for a key that does not exist; writing with

@@ -29,11 +29,18 @@ from typing import Any
 import numpy as np
 
 from erstore.errors import ErstoreError, InvalidInputError, StoreNotFoundError
+from erstore.integrity import refuse_symlinks_out
 from erstore.keys import join_key
 from erstore.location import Location
 from erstore.manifest import STORE_FILE, decode_index, version_key
-from erstore.integrity import refuse_symlinks_out
-from erstore.store import Store, list_versions, read_manifest, read_meta, resolve_tag, tag_key
+from erstore.store import (
+    Store,
+    list_versions,
+    read_manifest,
+    read_meta,
+    resolve_tag,
+    tag_key,
+)
 from erstore.validate import index_cap, read_checked
 
 TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")

@@ -20,7 +20,6 @@ import tensorstore as ts
 
 from erstore.codecs import Codec, codec_from_dict, load_params
 from erstore.errors import (
-    CorruptStoreError,
     ErstoreError,
     IncompatibleStoreError,
     KeyNotFoundError,

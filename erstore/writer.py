@@ -27,7 +27,12 @@ import numpy as np
 import xxhash
 
 from erstore.codecs import codec_from_dict
-from erstore.errors import CommitConflictError, IncompatibleStoreError, InvalidInputError, StoreNotFoundError
+from erstore.errors import (
+    CommitConflictError,
+    IncompatibleStoreError,
+    InvalidInputError,
+    StoreNotFoundError,
+)
 from erstore.index import KeyIndex
 from erstore.keys import split_key
 from erstore.location import Location
@@ -42,7 +47,13 @@ from erstore.manifest import (
     encode_index,
     version_key,
 )
-from erstore.store import BuildArrays, list_versions, load_index, open_arrays, read_manifest
+from erstore.store import (
+    BuildArrays,
+    list_versions,
+    load_index,
+    open_arrays,
+    read_manifest,
+)
 from erstore.validate import MAX_SEQUENCE_ROWS, array_file_records, file_record
 
 FLUSH_BYTES = 16 * 1024 * 1024

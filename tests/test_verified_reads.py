@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import erstore
-from erstore.verify import verify
 from erstore.errors import CorruptStoreError
 from erstore.manage import copy
+from erstore.verify import verify
 from tests.test_hostile import make_store
 
 FORMAT1 = Path(__file__).parent / "data" / "format1-store"
@@ -25,7 +25,7 @@ FORMAT1 = Path(__file__).parent / "data" / "format1-store"
 
 def flip_chunk_byte(root: Path) -> None:
     """Flip one bit in the middle of the first states chunk of the oldest build."""
-    chunk = sorted(root.glob("arrays/*/states/c/0/0"))[0]  # build ids start with their UTC time
+    chunk = min(root.glob("arrays/*/states/c/0/0"))  # build ids start with their UTC time
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     chunk.write_bytes(bytes(raw))
@@ -49,10 +49,10 @@ def test_get_names_the_key_and_suggests_verify(damaged):
 @pytest.mark.parametrize("decode_on_device", [False, True])
 def test_loader_thread_raises_on_a_flipped_byte(damaged, decode_on_device):
     store = erstore.open(damaged)
-    with pytest.raises(CorruptStoreError, match="erstore verify"):
-        with store.loader(batch_size=4, decode_on_device=decode_on_device) as loader:
-            for _ in loader:
-                pass
+    with pytest.raises(CorruptStoreError, match="erstore verify"), \
+            store.loader(batch_size=4, decode_on_device=decode_on_device) as loader:
+        for _ in loader:
+            pass
 
 
 def test_forked_dataloader_workers_raise_on_a_flipped_byte(damaged):
