@@ -1,5 +1,5 @@
 """What verified reads cost: the Loader on a format-1 store (no checksums) read by the format-1
-code, against the same data as a format-2 store (crc32c chunks, checked metadata) read by this
+code, against the same data as a format-2 store (zstd-checksummed chunks, checked metadata) read by this
 code, in interleaved rounds (A B A B ...) so that machine load hits both alike.
 
     python benchmarks/bench_verify.py --old-tree /path/to/erstore-before [--limit 2000] [--rounds 4]

@@ -107,7 +107,7 @@ class PendingRead:
             try:
                 parts = {name: f.result() for name, f in fs.items()}
                 tokens = ft.result()
-            except ValueError as e:  # DATA_LOSS (crc32c), a missing chunk, an undecodable chunk
+            except ValueError as e:  # a zstd checksum mismatch, a missing chunk, an undecodable chunk
                 where = f"{self._store.location.url}/arrays/{self._store.index.arrays[slot]} rows {start}..{stop}"
                 raise read_error(where, self._keys[members[0]], self._store.location.url, e) from e
             rows = [(i, self._starts[i] - start, self._stops[i] - start) for i in members]
@@ -437,7 +437,7 @@ def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: in
     Creating writes `params` as the build's codec.json. Opening checks each zarr.json and the
     codec.json against the sizes and checksums in `manifest` (required if `verified`), checks the
     array metadata is exactly what `codec` writes (chunk shapes, dtypes, codecs: a damaged
-    zarr.json must not size an allocation), and, for arrays with chunk checksums (zarr3 `crc32c`),
+    zarr.json must not size an allocation), and, for arrays with chunk checksums (zstd's own),
     makes a missing chunk an error rather than zeros. Damage raises CorruptStoreError here.
     """
     handles = {}
