@@ -34,6 +34,7 @@ from erstore.errors import (
     StoreNotFoundError,
 )
 from erstore.index import KeyIndex
+from erstore.integrity import seal
 from erstore.keys import split_key
 from erstore.location import Location
 from erstore.manifest import (
@@ -324,7 +325,7 @@ class StoreWriter:
                 files={**(base.files if base else {}), **files},
             )
             if self.location.write_if_absent(version_key(manifest.version), manifest.to_json()):
-                self.location.write("latest.json", json.dumps({"version": manifest.version}).encode())
+                self.location.write("latest.json", seal({"format_version": 2, "version": manifest.version}))
                 return manifest
             # Lost the race: rebase onto the version that won and try the next number.
             latest = list_versions(self.location)[-1]

@@ -109,3 +109,21 @@ def test_appending_to_a_format1_store_keeps_old_builds_readable(tmp_path):
     assert len(after.read(list(after))) == len(after)
     flip_chunk_byte(old)  # the format-1 build's chunk: no zstd checksum, yet verify still finds it
     assert not verify(erstore.open(old)).ok
+
+
+def test_a_changed_tag_is_refused_not_followed(tmp_path):
+    from erstore.keys import key_for_ids
+    from erstore.manage import tag
+    from erstore.writer import StoreWriter
+
+    path = tmp_path / "s"
+    make_store(path)
+    with StoreWriter(path, erstore.open(path).recipe) as w:
+        w.append(key_for_ids([1, 2, 3]), np.ones((3, 32), np.float32), np.asarray([1, 2, 3]))
+        w.commit()
+    tag(str(path), 1, "release")
+    assert erstore.open(path, version="release").version == 1
+    tag_file = path / "tags" / "release.json"
+    tag_file.write_text(tag_file.read_text().replace('"version": 1', '"version": 2'))
+    with pytest.raises(CorruptStoreError, match="release.json does not match its checksum"):
+        erstore.open(path, version="release")
