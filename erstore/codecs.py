@@ -65,12 +65,12 @@ def _array(shape_tail: list[int], chunk_rows: int, dtype: str, level: int,
     codecs: list[dict[str, Any]] = []
     if transpose:
         codecs.append({"name": "transpose", "configuration": {"order": transpose}})
-    # crc32c after zstd: TensorStore checks every chunk it reads (DATA_LOSS on a mismatch), at no
-    # measurable cost (shared FACTS); zstd alone often stores near-random fp16 bytes raw, so a
-    # flipped byte would decode to silently different numbers.
+    # zstd's content checksum (xxh64 of the decoded chunk, checked by libzstd on every decode):
+    # without it zstd often stores near-random fp16 bytes raw, so a flipped byte would decode to
+    # silently different numbers. Measured (benchmarks/README.md, bench_verify): ~free, where the
+    # zarr3 `crc32c` codec cost ~10% of TensorStore's read CPU.
     codecs += [{"name": "bytes", "configuration": {"endian": "little"}},
-               {"name": "zstd", "configuration": {"level": level}},
-               {"name": "crc32c"}]
+               {"name": "zstd", "configuration": {"level": level, "checksum": True}}]
     return {
         "shape": [MAX_ROWS, *shape_tail],
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape_tail]}},

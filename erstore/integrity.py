@@ -13,7 +13,7 @@ live in one place:
 - `check_name`: build and array ids that become paths must be plain names,
 - `confined` / `symlinks_out`: local paths stay inside the store root.
 
-Not here: chunk checksums (TensorStore's zarr3 `crc32c` codec does that for the arrays), or
+Not here: chunk checksums (zstd's content checksum, checked by libzstd on every decode), or
 what a damaged store should do next (`erstore verify` reports, `erstore copy` rewrites).
 """
 

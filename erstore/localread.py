@@ -8,7 +8,7 @@ read + zstd via `zstandard`), with a small LRU cache of decoded chunks, and retu
 `Entry` objects as `Store.read_positions`.
 
 Scope: only what erstore writes (zarr3, regular chunk grid, default chunk keys, [transpose +]
-bytes + zstd [+ crc32c]), decoded by the store's codec. Every read is checked like TensorStore's:
+bytes + zstd [with its content checksum]), decoded by the store's codec. Every read is checked:
 array metadata must be what the codec writes (and match the manifest's checksums), paths stay
 inside the store (no `..`, no symlinks out), and each sequence's bytes must match the xxh3
 checksum its index record carries; damage raises CorruptStoreError.
@@ -33,7 +33,6 @@ from erstore.store import Entry
 from erstore.validate import array_metadata, codec_json_cap, read_error
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
-_CRC_BYTES = 4  # zarr3 `crc32c` appends the little-endian checksum after the zstd frame
 
 
 def _read_file(path: Path, limit: int) -> bytes | None:
@@ -89,9 +88,8 @@ class _Array:
             if self.checked:  # erstore stores every chunk it wrote, fill-valued ones included
                 raise CorruptStoreError(f"chunk {path} is missing: the store is damaged; run `erstore verify`")
             return np.zeros(self.chunk_shape, dtype=self.dtype)
-        frame = raw[:-_CRC_BYTES] if self.checked else raw
-        try:
-            out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=self.size)
+        try:  # libzstd checks the frame's content checksum, when it has one, as it decodes
+            out = zstandard.ZstdDecompressor().decompress(raw, max_output_size=self.size)
         except zstandard.ZstdError as e:
             raise CorruptStoreError(f"chunk {path} cannot be decoded ({e}): the store is damaged; "
                                     "run `erstore verify`") from e
@@ -164,8 +162,8 @@ class LocalReader:
             stop = start + int(rec["length"])
             parts = {name: self._rows(slot, name, start, stop) for name in self.parts}
             tokens = self._rows(slot, "tokens", start, stop)
-            # This reader does not check crc32c: the sequence's own xxh3 (recorded at write time,
-            # what `verify` checks) covers exactly the bytes returned, at ~18 GB/s.
+            # Also the sequence's own xxh3 (recorded at write time, what `verify` checks): it covers
+            # exactly the bytes returned (format-1 chunks have no checksum), at ~18 GB/s.
             if checksum(parts, tokens) != int(rec["checksum"]):
                 where = f"{self.root}/arrays/{self.index.arrays[slot]} rows {start}..{stop}"
                 raise read_error(where, key, str(self.root), ValueError("DATA_LOSS: sequence checksum mismatch"))

@@ -19,7 +19,6 @@ dropping old versions frees only their manifests; data leaves a store only throu
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,11 +28,18 @@ from typing import Any
 import numpy as np
 
 from erstore.errors import ErstoreError, InvalidInputError, StoreNotFoundError
+from erstore.integrity import refuse_symlinks_out, seal
 from erstore.keys import join_key
 from erstore.location import Location
 from erstore.manifest import STORE_FILE, decode_index, version_key
-from erstore.integrity import refuse_symlinks_out
-from erstore.store import Store, list_versions, read_manifest, read_meta, resolve_tag, tag_key
+from erstore.store import (
+    Store,
+    list_versions,
+    read_manifest,
+    read_meta,
+    resolve_tag,
+    tag_key,
+)
 from erstore.validate import index_cap, read_checked
 
 TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
@@ -55,8 +61,9 @@ def tag(url: str, version: int | str, name: str, *, force: bool = False, **optio
     number = resolve_tag(location, version) if isinstance(version, str) else int(version)
     if number not in list_versions(location):
         raise StoreNotFoundError(f"{url} has no version {number}; see `erstore versions {url}`")
-    data = json.dumps({"format_version": 1, "name": name, "version": number,
-                       "created": dt.datetime.now(dt.timezone.utc).isoformat()}, sort_keys=True).encode()
+    # Sealed (a checksum of itself): a flipped digit must not silently point the tag elsewhere.
+    data = seal({"format_version": 2, "name": name, "version": number,
+                 "created": dt.datetime.now(dt.timezone.utc).isoformat()})
     if force:
         location.write(tag_key(name), data)
     elif not location.write_if_absent(tag_key(name), data):

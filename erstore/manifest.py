@@ -17,7 +17,8 @@ files start with a magic tag and a version, then a JSON header, then packed litt
 Format 2 (this version) makes every read verifiable: erstore.json and each version manifest carry
 a checksum of themselves (`erstore.integrity.seal`; the scheme is fixed for every later format
 too), and a manifest lists the size and xxh3-64 of every file its version reads (`files`: index
-files, document maps, codec parameters, zarr.json); the arrays' chunks carry zarr3 `crc32c`.
+files, document maps, codec parameters, zarr.json); the arrays' zstd chunks carry zstd's content
+checksum.
 Format 1 stores still open and read, unverified (`erstore copy` rewrites one as format 2).
 Everything parsed here is validated (types, names that become paths, counts) before use.
 """

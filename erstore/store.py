@@ -20,14 +20,13 @@ import tensorstore as ts
 
 from erstore.codecs import Codec, codec_from_dict, load_params
 from erstore.errors import (
-    CorruptStoreError,
     ErstoreError,
     IncompatibleStoreError,
     KeyNotFoundError,
     StoreNotFoundError,
 )
 from erstore.index import KeyIndex
-from erstore.integrity import MAX_MANIFEST, MAX_SMALL_JSON, damaged
+from erstore.integrity import MAX_MANIFEST, MAX_SMALL_JSON, damaged, unseal
 from erstore.keys import join_key, key_for_ids, window_key
 from erstore.location import Location
 from erstore.manifest import (
@@ -153,12 +152,7 @@ def list_versions(location: Location) -> list[int]:
         raw = location.read_capped("latest.json", MAX_SMALL_JSON)
         if not raw:
             return []
-        try:
-            latest = json.loads(raw)["version"]
-            if not isinstance(latest, int) or not 0 <= latest < 10**8:
-                raise ValueError(f"version {latest!r}")
-        except (ValueError, KeyError, TypeError) as e:
-            raise damaged(f"{location.url}/latest.json", f"is not a valid latest-version file ({e})") from e
+        latest = _small_sealed(raw, f"{location.url}/latest.json", "latest-version file")
         return list(range(1, latest + 1))
     return sorted(v for k in location.list("versions/") if (v := parse_version_key(k)) is not None)
 
@@ -175,12 +169,22 @@ def resolve_tag(location: Location, name: str) -> int:
     if raw is None:
         raise StoreNotFoundError(f"{location.url} has no version or tag {name!r}; see `erstore versions` "
                                  "and `erstore tag`")
+    return _small_sealed(raw, f"{location.url}/{tag_key(name)}", "tag file")
+
+
+def _small_sealed(raw: bytes, where: str, what: str) -> int:
+    """The `version` of a tag or latest.json file, checked (sealed since format 2)."""
     try:
-        version = json.loads(raw)["version"]
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ValueError(f"version {version!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise damaged(f"{location.url}/{tag_key(name)}", f"is not a valid tag file ({e})") from e
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+    except (ValueError, TypeError) as e:
+        raise damaged(where, f"is not a valid {what} ({e})") from e
+    found = data.get("format_version", 1)
+    data = unseal(data, where, required=isinstance(found, int) and found >= 2)
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 10**8:
+        raise damaged(where, f"is not a valid {what} (version {version!r})")
     return version
 
 
@@ -484,7 +488,7 @@ def open_arrays(location: Location, array_id: str, codec: Codec, hidden_size: in
     Creating writes `params` as the build's codec.json. Opening checks each zarr.json and the
     codec.json against the sizes and checksums in `manifest` (required if `verified`), checks the
     array metadata is exactly what `codec` writes (chunk shapes, dtypes, codecs: a damaged
-    zarr.json must not size an allocation), and, for arrays with chunk checksums (zarr3 `crc32c`),
+    zarr.json must not size an allocation), and, for arrays with chunk checksums (zstd's own),
     makes a missing chunk an error rather than zeros. Damage raises CorruptStoreError here.
     """
     handles = {}

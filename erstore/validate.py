@@ -10,7 +10,7 @@ Every reader (TensorStore reads in `erstore.store`, the fork-safe `erstore.local
 - `array_metadata`: a zarr.json must describe exactly the array the codec writes (chunk shape,
   dtype, codecs), so a damaged chunk shape cannot make a reader allocate gigabytes,
 - `check_documents`: a document map is an object of id -> list of keys,
-- `read_error`: a failed chunk read (crc32c mismatch, missing or undecodable chunk) as a
+- `read_error`: a failed chunk read (zstd checksum mismatch, missing or undecodable chunk) as a
   CorruptStoreError naming the array, rows and key, and suggesting `erstore verify`.
 
 Not here: the checksum primitives (`erstore.integrity`) and the parsing of manifests and index
@@ -122,7 +122,7 @@ def expected_arrays(codec: Codec, hidden_size: int) -> dict[str, dict[str, Any]]
         "codecs": [c for c in states["codecs"] if c["name"] != "transpose"]}}
 
 
-_DEFAULTS = {"bytes": {"endian": "little"}, "zstd": {"checksum": False}, "crc32c": {}}
+_DEFAULTS = {"bytes": {"endian": "little"}, "zstd": {"checksum": False}}
 
 
 def _codecs(codecs: Any) -> list[tuple[str, str]]:
@@ -139,7 +139,7 @@ def array_metadata(raw: bytes | None, codec: Codec, hidden_size: int, name: str,
     """Check a stored zarr.json against what `codec` writes for array `name`.
 
     Returns (the expected metadata, for TensorStore to check again as it opens; whether chunks
-    carry crc32c checksums). Raises CorruptStoreError if the file says anything else.
+    carry zstd content checksums). Raises CorruptStoreError if the file says anything else.
     """
     if raw is None:
         raise damaged(where, "is missing")
@@ -153,9 +153,8 @@ def array_metadata(raw: bytes | None, codec: Codec, hidden_size: int, name: str,
     encoding = {"name": "default", "configuration": {"separator": "/"}}
     if found[4] not in ({"name": "default"}, encoding):
         raise damaged(where, f"uses chunk keys {found[4]}, which erstore never writes")
-    plain = [c for c in expected["codecs"] if c["name"] != "crc32c"]  # format-1 builds have no crc32c
-    for checked in (True, False) if not verified else (True,):  # verified stores always have crc32c
-        want_codecs = [*plain, {"name": "crc32c"}] if checked else plain
+    for checked in (True, False) if not verified else (True,):  # verified stores always have checksums
+        want_codecs = [_zstd_checksum(c, checked) for c in expected["codecs"]]  # format-1 builds: none
         want = (expected["shape"], expected["data_type"], expected["chunk_grid"], 0, None, _codecs(want_codecs))
         if _rows_ok(found[0], want[0]) and found[1:3] == want[1:3] and found[3] == 0 and found[5] == want[5]:
             return {**expected, "shape": list(found[0]), "codecs": want_codecs}, checked
@@ -184,6 +183,12 @@ def array_file_records(location: Location, array_id: str, codec: Codec, hidden_s
         if raw is not None:
             out[relpath] = file_record(raw)
     return out
+
+
+def _zstd_checksum(codec: dict[str, Any], on: bool) -> dict[str, Any]:
+    if codec["name"] != "zstd":
+        return codec
+    return {"name": "zstd", "configuration": {**codec.get("configuration", {}), "checksum": on}}
 
 
 _UNREACHABLE = ("CURL error", "Could not connect", "Couldn't resolve", "PERMISSION_DENIED", "UNAVAILABLE",

@@ -3,7 +3,7 @@
 For each sequence of a version it re-reads the states and token ids, recomputes the xxh3-64
 checksum recorded by the writer, and recomputes the key from the stored token ids, so both
 damaged chunks and an index that points at the wrong rows are caught. A chunk that can no
-longer be decoded (truncated, bad zstd frame, crc32c mismatch) marks every sequence reading it
+longer be decoded (truncated, bad zstd frame, zstd checksum mismatch) marks every sequence reading it
 as corrupt. It also checks every file the version manifest records (size and xxh3) and the
 document maps. Damage in erstore.json, a manifest or an index file already fails `erstore.open`.
 It reads in batches of concurrent requests; it does not repair anything.

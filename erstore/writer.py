@@ -36,6 +36,7 @@ from erstore.codecs import codec_from_dict
 from erstore.docmap import DocMap
 from erstore.errors import CommitConflictError, IncompatibleStoreError, InvalidInputError, StoreNotFoundError
 from erstore.index import KeyIndex
+from erstore.integrity import seal
 from erstore.keys import split_key
 from erstore.keyset import KeySet, halves
 from erstore.location import Location
@@ -50,7 +51,13 @@ from erstore.manifest import (
     encode_index,
     version_key,
 )
-from erstore.store import BuildArrays, list_versions, load_index, open_arrays, read_manifest
+from erstore.store import (
+    BuildArrays,
+    list_versions,
+    load_index,
+    open_arrays,
+    read_manifest,
+)
 from erstore.validate import MAX_SEQUENCE_ROWS, array_file_records, file_record
 
 FLUSH_BYTES = 16 * 1024 * 1024
@@ -383,7 +390,7 @@ class StoreWriter:
                 files={**(base.files if base else {}), **files},
             )
             if self.location.write_if_absent(version_key(manifest.version), manifest.to_json()):
-                self.location.write("latest.json", json.dumps({"version": manifest.version}).encode())
+                self.location.write("latest.json", seal({"format_version": 2, "version": manifest.version}))
                 return manifest
             # Lost the race: rebase onto the version that won and try the next number.
             latest = list_versions(self.location)[-1]

@@ -77,13 +77,14 @@ def test_format_1_files_still_parse_unverified():
     assert not StoreMeta.from_json(meta.to_json(), "x").verified
 
 
-def test_array_metadata_pins_crc32c_chunks():
+def test_array_metadata_pins_checksummed_chunks():
     from erstore.codecs import LosslessCodec
     from erstore.validate import expected_arrays
 
     arrays = expected_arrays(LosslessCodec("float16"), 384)
-    assert [c["name"] for c in arrays["states"]["codecs"]] == ["bytes", "zstd", "crc32c"]
-    assert [c["name"] for c in arrays["tokens"]["codecs"]] == ["bytes", "zstd", "crc32c"]
+    zstd = {"name": "zstd", "configuration": {"level": 1, "checksum": True}}
+    assert arrays["states"]["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}, zstd]
+    assert arrays["tokens"]["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}, zstd]
     assert arrays["tokens"]["chunk_grid"]["configuration"]["chunk_shape"] == [4096]
 
 
