@@ -2,13 +2,13 @@
 
 The Loader reads consecutive batches in read groups (one storage read each). `GroupRows` is where a
 read group's raw stored parts arrive from storage: the spans of one `PendingRead`, concatenated
-(per build for lossy codecs, all builds together for lossless ones) with a zero row appended, so
-that every token of every batch is "row `i` of the group" and every padding position is "the zero
-row". `Layout` computes, once per group, where every token comes from and goes; a run of
+(per build for lossy codecs, all builds together for lossless ones; a group read as one span is
+used as it arrived, without a copy), so that every token of every batch is "row `i` of the
+group". `Layout` computes, once per group, where every token comes from and goes; a run of
 consecutive batches (a `Cut` of it) is then materialised at once:
 
 - host: one `index_select` of the group's decoded rows into the run's padded [sum B*L, d] buffer
-  (padding gathers the zero row), one for the token ids, one numpy op for the mask; label
+  and one `index_fill_` that zeroes its padding rows, one gather for the token ids; mask, label
   columns by the same index. Batches are views of the run's buffers.
 - device: the run's real rows of every stored part, its token ids, destination rows, boundaries
   and label columns are gathered into ONE (pinned) staging buffer, copied to the device with one
@@ -53,7 +53,8 @@ class GroupRows:
         rows: stored start row of each sequence of the group (the positions read, in order).
         codec, params: the store's codec and each build slot's codec parameters (`slot -> params`).
         pad_token_id: the token id of padding (appended after the last token row).
-    Attributes: `offset[i]` is the group row of sequence i's first token; row `zero` is padding.
+    Attributes: `offset[i]` is the group row of sequence i's first token; `tokens[zero]` is the
+    padding token id (appended after the group's token ids).
     """
 
     def __init__(self, spans: Sequence[tuple[int, int, list[int], dict[str, np.ndarray], np.ndarray]],
@@ -80,9 +81,9 @@ class GroupRows:
         self.zero = base
         self.tokens = np.concatenate([*tokens, np.full(1, pad_token_id, dtype=tokens[0].dtype if tokens else np.int32)])
         names = list(pieces[0][0]) if pieces else []
-        if self.lossless:  # parameters play no part: one row space for all builds, zero row included
+        if self.lossless:  # parameters play no part: one row space for all builds
             flat = [p for slot_pieces in pieces for p in slot_pieces]
-            self.raw = [{n: _concat([p[n] for p in flat], zero_row=True) for n in names}]
+            self.raw = [{n: _concat([p[n] for p in flat]) for n in names}]
         else:
             self.raw = [{n: _concat([p[n] for p in sp]) for n in names} for sp in pieces]
         self._source: torch.Tensor | None = None
@@ -106,14 +107,14 @@ class GroupRows:
         return self.codec.decode(parts, self.params.get(self.slots[k], {}))
 
     def source(self) -> torch.Tensor:
-        """Decoded rows of the whole group plus the zero row, [rows + 1, d] (stored dtype for lossless
+        """Decoded rows of the whole group, [rows, d] (stored dtype for lossless
         codecs, float32 otherwise); decoded once per group (row-independent codecs only)."""
         if self._source is None:
             if self.lossless:
                 self._source = torchcodecs.as_tensor(self._decode(self.raw[0], 0))
             else:
                 decoded = [self._decode(parts, k) for k, parts in enumerate(self.raw)]
-                self._source = torchcodecs.as_tensor(_concat(decoded, zero_row=True))
+                self._source = torchcodecs.as_tensor(_concat(decoded))
         return self._source
 
 
@@ -154,7 +155,11 @@ class Layout:
         self.src = rows.offset[self.rep] + self.j
         self.full = np.full(int(self.row0[-1]), rows.zero, dtype=np.int64)  # group row of every padded row
         self.full[self.dst] = self.src
-        self.mask = (self.full != rows.zero).astype(np.int64)
+        real = self.full != rows.zero
+        self.mask = real.astype(np.int64)
+        self.pad = np.flatnonzero(~real)  # padded rows, zeroed after the states' gather
+        self.states_index = self.full.copy()
+        self.states_index[self.pad] = 0  # any real row: overwritten with zeros
 
     def runs(self, batches: int, rows: int) -> list[tuple[int, int]]:
         """Consecutive batches cut into runs of at most `batches` batches and `rows` padded rows
@@ -185,6 +190,12 @@ class Cut:
         self.n0, self.n1 = int(lay.tok_start[self.i0]), int(lay.tok_start[self.i1])
         self.total, self.n = self.r1 - self.r0, self.n1 - self.n0
         self.items = lay.items[self.i0 : self.i1]
+
+    @property
+    def pad(self) -> np.ndarray:
+        """Padding rows of the run, relative to its first padded row."""
+        lo, hi = np.searchsorted(self.lay.pad, [self.r0, self.r1])
+        return self.lay.pad[lo:hi] - self.r0
 
     @property
     def src(self) -> np.ndarray:
@@ -259,6 +270,7 @@ class Assembler:
         self.labels = dataset.label_columns()
         self.keys = dataset.item_keys()
         self.d = dataset.hidden_size
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def group(self, batches: Sequence[np.ndarray], rows: GroupRows) -> Group:
         """Everything of a read group that is laid out once for all its batches."""
@@ -283,10 +295,17 @@ class Assembler:
 
     def _gather(self, source: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """source[index] as `dtype`: one gather, plus one casting copy when the dtypes differ."""
+        shape = (len(index), *source.shape[1:])
         if source.dtype == dtype:
-            return torch.index_select(source, 0, index, out=self._empty((len(index), *source.shape[1:]), dtype))
-        out = self._empty((len(index), *source.shape[1:]), dtype)
-        return out.copy_(source.index_select(0, index))
+            return torch.index_select(source, 0, index, out=self._empty(shape, dtype))
+        # The stored-dtype rows go through a scratch buffer this thread reuses: fresh memory
+        # costs a page fault per 4 KiB, about as much as the copy itself.
+        need = int(np.prod(shape))
+        scratch = self._scratch.get(source.dtype)
+        if scratch is None or scratch.numel() < need:
+            scratch = self._scratch[source.dtype] = torch.empty(max(need, 1 << 16), dtype=source.dtype)
+        gathered = torch.index_select(source, 0, index, out=scratch[:need].view(shape))
+        return self._empty(shape, dtype).copy_(gathered)
 
 
 class Group:
@@ -300,7 +319,8 @@ class Group:
         self.boundaries = asm.ds.boundaries[self.lay.items]
         pin = asm.pin and not asm.on_device
         as_t = (lambda a: torch.from_numpy(a).pin_memory()) if pin else torch.from_numpy
-        self.host = {"full": torch.from_numpy(self.lay.full), "attention_mask": as_t(self.lay.mask),
+        self.host = {"full": torch.from_numpy(self.lay.full), "states_index": torch.from_numpy(self.lay.states_index),
+                     "attention_mask": as_t(self.lay.mask),
                      "boundaries": as_t(self.boundaries), **{n: as_t(v) for n, v in self.labels.per_item.items()},
                      **{n: as_t(v) for n, v in self.labels.per_row.items()}}
 
@@ -313,7 +333,7 @@ class Group:
         asm, rows = self.asm, self.rows
         index = self.host["full"][cut.r0 : cut.r1]
         if row_independent(asm.codec):
-            states = asm._gather(rows.source(), index, asm.dtype)
+            states = asm._gather(rows.source(), self.host["states_index"][cut.r0 : cut.r1], asm.dtype)
         else:  # decode batch by batch, build by build, on the rows decoded together before
             chunks, where, at = [], np.empty(cut.n, dtype=np.int64), 0
             for k, sel in asm._decode_groups(cut, rows):
@@ -321,9 +341,12 @@ class Group:
                 chunks.append(rows._decode({n: p[local] for n, p in rows.raw[k].items()}, k))
                 where[sel] = at + np.arange(len(sel))
                 at += len(sel)
-            full = np.full(cut.total, at, dtype=np.int64)
+            full = np.zeros(cut.total, dtype=np.int64)
             full[cut.dst] = where
-            states = asm._gather(torchcodecs.as_tensor(_concat(chunks, zero_row=True)), torch.from_numpy(full), asm.dtype)
+            states = asm._gather(torchcodecs.as_tensor(_concat(chunks)), torch.from_numpy(full), asm.dtype)
+        pad = cut.pad
+        if len(pad):
+            states.index_fill_(0, torch.from_numpy(pad), 0)
         ids = asm._gather(torch.from_numpy(rows.tokens), index, torch.long)
         flat: dict[str, Any] = {"hidden_states": states.view(cut.total, asm.d),
                                 "attention_mask": self.host["attention_mask"][cut.r0 : cut.r1], "input_ids": ids,

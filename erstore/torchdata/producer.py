@@ -23,7 +23,9 @@ import torch
 from erstore.torchdata import dataset as _dataset
 from erstore.torchdata.assemble import Assembler, Cut, Group, GroupRows
 
-RUN_VALUES = 1 << 23  # padded values per run (32 MB of float32): bounds a run's buffers
+# Padded values per run (8 MB of float32). Bounds a run's buffers; larger ones come from fresh
+# mmapped memory each time (glibc) and page-faulting it cost more than the copies into it.
+RUN_VALUES = 1 << 21
 
 
 class Failure:
