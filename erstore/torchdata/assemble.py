@@ -34,6 +34,8 @@ from erstore import torchcodecs
 from erstore.codecs import Codec, Int4Codec
 from erstore.torchdata.collate import pad_field
 
+# Lossless runs with at least this fraction of real rows are copied to the device padded.
+PADDED_FRACTION = 0.75
 _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
           "int64": torch.int64, "bool": torch.bool}
@@ -317,11 +319,12 @@ class Group:
         self.labels = GroupLabels(asm.labels, self.lay, asm.label_pad)
         self.keys = [asm.keys[i] for i in self.lay.items.tolist()]
         self.boundaries = asm.ds.boundaries[self.lay.items]
+        self.ids = rows.tokens.astype(np.int64)[self.lay.full]  # padded token ids of every batch
         pin = asm.pin and not asm.on_device
         as_t = (lambda a: torch.from_numpy(a).pin_memory()) if pin else torch.from_numpy
         self.host = {"full": torch.from_numpy(self.lay.full), "states_index": torch.from_numpy(self.lay.states_index),
                      "attention_mask": as_t(self.lay.mask),
-                     "boundaries": as_t(self.boundaries), **{n: as_t(v) for n, v in self.labels.per_item.items()},
+                     "boundaries": as_t(self.boundaries), "input_ids": as_t(self.ids), **{n: as_t(v) for n, v in self.labels.per_item.items()},
                      **{n: as_t(v) for n, v in self.labels.per_row.items()}}
 
     def runs(self, batches: int, rows: int) -> list[Cut]:
@@ -331,7 +334,6 @@ class Group:
     def host_run(self, cut: Cut) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
         """The run's batches as CPU tensors (pinned when a device copy follows); and their bases."""
         asm, rows = self.asm, self.rows
-        index = self.host["full"][cut.r0 : cut.r1]
         if row_independent(asm.codec):
             states = asm._gather(rows.source(), self.host["states_index"][cut.r0 : cut.r1], asm.dtype)
         else:  # decode batch by batch, build by build, on the rows decoded together before
@@ -347,7 +349,7 @@ class Group:
         pad = cut.pad
         if len(pad):
             states.index_fill_(0, torch.from_numpy(pad), 0)
-        ids = asm._gather(torch.from_numpy(rows.tokens), index, torch.long)
+        ids = self.host["input_ids"][cut.r0 : cut.r1]
         flat: dict[str, Any] = {"hidden_states": states.view(cut.total, asm.d),
                                 "attention_mask": self.host["attention_mask"][cut.r0 : cut.r1], "input_ids": ids,
                                 "keys": None, "boundaries": self.host["boundaries"][cut.i0 : cut.i1]}
@@ -364,45 +366,52 @@ class Group:
 
     # -- device ------------------------------------------------------------------------------------
     def device_run(self, cut: Cut) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-        """The run's batches on the device: one staging buffer, one copy, a few kernels."""
+        """The run's batches on the device: one staging buffer, one copy, 1-4 kernels for the states.
+
+        Mask, padded token ids, boundaries and labels are laid out on the host (small) and only
+        copied. Lossless codes with little padding travel padded (zeros included), so the device
+        only decodes them (one cast); otherwise only the real rows travel, and the device zeroes,
+        decodes and scatters them into place.
+        """
         asm, rows = self.asm, self.rows
         pack = _Pack()
-        groups = asm._decode_groups(cut, rows)
-        src, dst = cut.src, cut.dst
-        for g, (k, sel) in enumerate(groups):
-            local = src[sel] - (0 if rows.lossless else rows.bases[k])
-            for name, part in rows.raw[k].items():
-                pack.add(f"p{g}.{name}", part, local)
-            pack.add(f"d{g}", dst[sel])
-        pack.add("tokens", rows.tokens, src)
-        pack.add("dst", dst)
+        padded = rows.lossless and cut.n >= PADDED_FRACTION * cut.total
+        groups = [] if padded else asm._decode_groups(cut, rows)
+        if padded:
+            index = self.lay.states_index[cut.r0 : cut.r1]
+            for name, part in rows.raw[0].items():
+                pack.add(f"p.{name}", part, index, zero=cut.pad)
+        else:
+            src, dst = cut.src, cut.dst
+            for g, (k, sel) in enumerate(groups):
+                local = src[sel] - (0 if rows.lossless else rows.bases[k])
+                for name, part in rows.raw[k].items():
+                    pack.add(f"p{g}.{name}", part, local)
+                pack.add(f"d{g}", dst[sel])
+        pack.add("attention_mask", self.lay.mask[cut.r0 : cut.r1])
+        pack.add("input_ids", self.ids[cut.r0 : cut.r1])
         pack.add("boundaries", self.boundaries[cut.i0 : cut.i1])
         for name, values in self.labels.per_item.items():
             pack.add(f"l.{name}", values[cut.i0 : cut.i1])
-        for name, values in self.labels.per_token.items():
-            pack.add(f"l.{name}", values[cut.n0 : cut.n1])
+        for name, values in self.labels.per_row.items():
+            pack.add(f"l.{name}", values[cut.r0 : cut.r1])
         dev = pack.to(asm.device, pin=asm.pin)  # the run's one host-to-device copy
-        states = torch.zeros(cut.total, asm.d, dtype=asm.dtype, device=asm.device)
-        for g, (k, _) in enumerate(groups):
-            parts = {name: dev[f"p{g}.{name}"] for name in rows.raw[k]}
-            if asm.codec is None:
-                decoded = parts["states"]
-            else:
-                decoded = torchcodecs.decode(asm.codec, parts, {} if rows.lossless else rows.params.get(rows.slots[k], {}))
-            states.index_copy_(0, dev[f"d{g}"], decoded.to(asm.dtype))
-        at = dev["dst"]
-        ids = torch.full((cut.total,), asm.pad_token_id, dtype=torch.long, device=asm.device)
-        ids.index_copy_(0, at, dev["tokens"].to(torch.long))
-        mask = torch.zeros(cut.total, dtype=torch.long, device=asm.device).index_fill_(0, at, 1)
-        flat: dict[str, Any] = {"hidden_states": states, "attention_mask": mask, "input_ids": ids, "keys": None,
-                                "boundaries": dev["boundaries"]}
+        if padded:
+            parts = {name: dev[f"p.{name}"] for name in rows.raw[0]}
+            decoded = parts["states"] if asm.codec is None else torchcodecs.decode(asm.codec, parts, {})
+            states = decoded.to(asm.dtype)
+        else:
+            states = torch.zeros(cut.total, asm.d, dtype=asm.dtype, device=asm.device)
+            for g, (k, _) in enumerate(groups):
+                parts = {name: dev[f"p{g}.{name}"] for name in rows.raw[k]}
+                params = {} if rows.lossless else rows.params.get(rows.slots[k], {})
+                decoded = parts["states"] if asm.codec is None else torchcodecs.decode(asm.codec, parts, params)
+                states.index_copy_(0, dev[f"d{g}"], decoded.to(asm.dtype))
+        flat: dict[str, Any] = {"hidden_states": states, "attention_mask": dev["attention_mask"],
+                                "input_ids": dev["input_ids"], "keys": None, "boundaries": dev["boundaries"]}
         for name in self.labels.names:
-            if name in self.labels.per_item:
+            if name in self.labels.per_item or name in self.labels.per_row:
                 flat[name] = dev[f"l.{name}"]
-            elif name in self.labels.per_token:
-                values = dev[f"l.{name}"]
-                padded = torch.full((cut.total,), asm.label_pad, dtype=values.dtype, device=asm.device)
-                flat[name] = padded.index_copy_(0, at, values)
             else:
                 flat[name] = self.labels.other[name][cut.t0 : cut.t1]
         per_item = {"boundaries", *self.labels.per_item}
@@ -414,21 +423,24 @@ class _Pack:
     """Arrays gathered into one byte buffer (16-byte aligned segments), copied to a device at once."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[str, np.ndarray, np.ndarray | None, int, tuple[int, ...], np.dtype]] = []
+        self.entries: list[tuple[str, np.ndarray, np.ndarray | None, int, tuple[int, ...], np.dtype,
+                                 np.ndarray | None]] = []
         self.size = 0
 
-    def add(self, name: str, source: np.ndarray, index: np.ndarray | None = None) -> None:
-        """Add `source[index]` (rows; all of `source` when index is None) as segment `name`."""
+    def add(self, name: str, source: np.ndarray, index: np.ndarray | None = None, *,
+            zero: np.ndarray | None = None) -> None:
+        """Add `source[index]` (rows; all of `source` when index is None) as segment `name`, with
+        rows `zero` of it set to zeros."""
         rows = len(source) if index is None else len(index)
         shape = (rows, *source.shape[1:])
         nbytes = int(np.prod(shape, dtype=np.int64)) * source.dtype.itemsize
-        self.entries.append((name, source, index, self.size, shape, source.dtype))
+        self.entries.append((name, source, index, self.size, shape, source.dtype, zero))
         self.size += -(-nbytes // 16) * 16
 
     def to(self, device: torch.device, *, pin: bool) -> dict[str, torch.Tensor]:
         host = torch.empty(max(self.size, 16), dtype=torch.uint8, pin_memory=pin)
         buf = host.numpy()
-        for _, source, index, at, shape, dtype in self.entries:
+        for _, source, index, at, shape, dtype, zero in self.entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             dst = buf[at : at + nbytes].view(_raw(dtype)).reshape(shape)
             src = source.view(_raw(dtype)) if source.dtype.name == "bfloat16" else source
@@ -436,9 +448,11 @@ class _Pack:
                 dst[...] = src
             else:
                 np.take(src, index, axis=0, out=dst, mode="clip")  # "raise" would buffer `out`
+            if zero is not None and len(zero):
+                dst[zero] = 0
         moved = host.to(device, non_blocking=pin)
         out = {}
-        for name, _, _, at, shape, dtype in self.entries:
+        for name, _, _, at, shape, dtype, _ in self.entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             out[name] = moved[at : at + nbytes].view(_TORCH[dtype.name]).view(shape)
         return out
