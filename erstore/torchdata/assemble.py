@@ -8,15 +8,17 @@ group". `Layout` computes, once per group, where every token comes from and goes
 consecutive batches (a `Cut` of it) is then materialised at once:
 
 - host: one `index_select` of the group's decoded rows into the run's padded [sum B*L, d] buffer
-  and one `index_fill_` that zeroes its padding rows, one gather for the token ids; mask, label
-  columns by the same index. Batches are views of the run's buffers.
-- device: the run's real rows of every stored part, its token ids, destination rows, boundaries
-  and label columns are gathered into ONE (pinned) staging buffer, copied to the device with one
-  host-to-device copy, and decoded, padded and laid out there by a fixed handful of kernels per
-  run (~8 for a lossless store), whatever the batch size or number of sequences.
+  (plus a casting copy from a reused scratch buffer) and one `index_fill_` that zeroes its
+  padding rows; token ids, mask and label columns are views of arrays laid out once per group.
+  Batches are views of these buffers.
+- device: the run's stored codes (padded, or only its real rows when padding is heavy or the
+  codec lossy), its mask, padded token ids, boundaries and label columns are gathered into ONE
+  (pinned) staging buffer, copied to the device with one host-to-device copy, and decoded and
+  placed there by 1-4 kernels per run (one cast for a lossless store with little padding),
+  whatever the batch size or number of sequences.
 
 Python work per run is a constant number of numpy/torch calls, not a loop over sequences, so the
-prefetch thread needs the GIL rarely (a consumer that holds it in a Python loop barely slows it).
+prefetch thread needs the GIL for a few short stretches per run.
 Values are those `Collate` produces from `store.read`: same decode per row (int4's rotation, a
 BLAS product, is decoded batch by batch on exactly the rows it was before), same casts.
 Not here: the order of batches (erstore.shuffle), threads and queues (producer.py, loader.py).

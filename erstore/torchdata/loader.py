@@ -40,9 +40,9 @@ class Loader:
             see `erstore.shuffle.BatchPlan`.
         rank, world_size: this process's share (default: from torch.distributed if initialised).
         prefetch: batches prepared together and ahead: the thread lays out runs of up to
-            `max(prefetch, 4)` consecutive batches at once (at most 8 MB of float32 each) and
-            keeps one finished run queued while it prepares the next. Storage reads run a further
-            read group (about one shuffle window of stored rows) ahead.
+            `max(prefetch, 4)` consecutive batches at once (at most 2M padded values each on the
+            host, 8M on the device) and keeps one finished run queued while it prepares the next.
+            Storage reads run a further read group (about one shuffle window of stored rows) ahead.
         device: where batches go (default CPU). On CUDA: pinned staging, copies with non_blocking
             on a side stream; batches arrive as device tensors.
         collate: its `pad_token_id`, `label_pad` and `dtype` are used (default `Collate(dtype=
