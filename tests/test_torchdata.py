@@ -361,3 +361,18 @@ def test_device_layout_both_copy_forms(codec_stores, monkeypatch, fraction):
         assert a.keys() == b.keys() and a["keys"] == b["keys"]
         for name in ("hidden_states", "attention_mask", "input_ids", "boundaries"):
             assert torch.equal(a[name], b[name]), name
+
+
+def test_switch_interval_is_lowered_while_an_epoch_runs_and_restored(read_store):
+    store = erstore.open(read_store)
+    before = sys.getswitchinterval()
+    loader = store.loader(batch_size=4)
+    first, second = iter(loader), iter(store.loader(batch_size=4))
+    next(first)
+    assert sys.getswitchinterval() == min(before, 0.0005)
+    first.close()
+    assert sys.getswitchinterval() == min(before, 0.0005)  # the second epoch still runs
+    second.close()
+    assert sys.getswitchinterval() == before
+    sum(1 for _ in loader)  # a whole epoch ends by itself
+    assert sys.getswitchinterval() == before
