@@ -12,7 +12,7 @@ Inference, per model x compute dtype x batch size (B x 128 tokens) x store, ms p
 mean over `--batches` batches with one CUDA synchronize at the end (a pipelined steady state):
   full          the whole model on token ids already on the GPU
   tail only     layers k..N-1 on hidden states already on the GPU (the compute bound of recycling)
-  loader only   Loader(device="cuda", shuffle=True) with no model, and the GB/s of hidden states
+  loader only   Loader(device=DEVICE, shuffle=True) with no model, and the GB/s of hidden states
                 it delivers on the device, beside the pinned host-to-device copy bandwidth
                 measured in the same run
   recycled      the same Loader feeding layers k..N-1; target recycled / tail only <= 1.10
@@ -21,7 +21,7 @@ mean over `--batches` batches with one CUDA synchronize at the end (a pipelined 
 Training (the paper's Table 5), batch 32 x 128, fp32, AdamW, a sequence-classification head, ms/step:
   NR            full fine-tuning of all layers on token ids on the GPU
   R on device   the reduced model (layers k..N-1 + head) on states already on the GPU
-  R             the same step on batches from the fp16 store via Loader(device="cuda");
+  R             the same step on batches from the fp16 store via Loader(device=DEVICE);
                 target R / R on device <= 1.10
   SR            save-and-recycle over `--epochs` epochs: epoch 1 runs layers 0..k-1, writes an
                 fp16 store and trains; later epochs train from it; total time / steps, as a
@@ -57,18 +57,19 @@ CONFIGS = {  # name: (BertConfig overrides, recycled layer k)
     "minilm": ({"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}, 3),
     "base": ({}, 6),
 }
+DEVICE = "cuda"  # --smoke-cpu runs the whole script on the CPU, tiny, to check it (no timings worth keeping)
 STORES = {"fp16": ("float16", "lossless"), "bf16-shuffle": ("bfloat16", "shuffle"), "int8": ("float16", "int8")}
 
 
-def corpus(folder: Path) -> Path:
+def corpus(folder: Path, paragraphs: int = 100_000) -> Path:
     """The default corpus joined into documents of 100 paragraphs, so nearly every window is a
     full 128 tokens (~2000 of them)."""
     import json
 
     from erstore.corpus import default_corpus
 
-    paragraphs = default_corpus(100_000)
-    docs = [" ".join(p.text for p in paragraphs[i : i + 100]) for i in range(0, len(paragraphs), 100)]
+    rows = default_corpus(paragraphs)
+    docs = [" ".join(p.text for p in rows[i : i + 100]) for i in range(0, len(rows), 100)]
     path = folder / "corpus.jsonl"
     path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(docs)))
     return path
@@ -76,15 +77,20 @@ def corpus(folder: Path) -> Path:
 
 def per_batch_ms(run, n: int) -> float:
     """Mean ms of `run(i)` over i < n, timed as one pipelined stretch ended by one synchronize."""
-    import torch
-
     run(0)  # warm-up (kernels, allocator)
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for i in range(n):
         run(i + 1)
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) * 1e3 / n
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def endless(loader: Any) -> Iterator[dict]:
@@ -98,7 +104,7 @@ def pinned_h2d_gbs() -> float:
     import torch
 
     host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty_like(host, device="cuda")
+    dev = torch.empty_like(host, device=DEVICE)
     best = float("inf")
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -115,6 +121,8 @@ def count_launches(make_loader, n: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    if DEVICE != "cuda":
+        return {}
     try:
         with make_loader() as loader:
             it = endless(loader)
@@ -141,9 +149,9 @@ def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any],
 
     from consumers import load_tail
 
-    tail = load_tail(erstore.open(path), model=model, device="cuda", dtype=str(dtype).removeprefix("torch."))
-    mask = torch.ones(b, L, dtype=torch.long, device="cuda")
-    states = [torch.randn(b, L, tail.hidden_size, device="cuda", dtype=dtype) for _ in range(4)]
+    tail = load_tail(erstore.open(path), model=model, device=DEVICE, dtype=str(dtype).removeprefix("torch."))
+    mask = torch.ones(b, L, dtype=torch.long, device=DEVICE)
+    states = [torch.randn(b, L, tail.hidden_size, device=DEVICE, dtype=dtype) for _ in range(4)]
     batch_ids = [torch.cat([ids[(i * b // 32 + j) % len(ids)] for j in range(b // 32)]) for i in range(4)]
     rows = []
     with torch.inference_mode():
@@ -152,7 +160,7 @@ def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any],
         for store_name, store_path in stores.items():
             def loader(store_path=store_path) -> Any:  # a cold cache pool each time
                 return erstore.open(str(store_path)).loader(keys, batch_size=b, shuffle=True, seed=0, prefetch=4,
-                                                            device="cuda", dtype=dtype, drop_last=True)
+                                                            device=DEVICE, dtype=dtype, drop_last=True)
 
             with loader() as only:
                 it = endless(only)
@@ -191,9 +199,9 @@ def training(name: str, model: str, layer: int, path: Path, keys: list[str], ids
     b = 32
     store = erstore.open(str(path))
     labels = {k: i % 4 for i, k in enumerate(keys)}
-    label_batches = [torch.tensor([labels[k] for k in keys[i * b : (i + 1) * b]], device="cuda")
+    label_batches = [torch.tensor([labels[k] for k in keys[i * b : (i + 1) * b]], device=DEVICE)
                      for i in range(len(ids))]
-    mask = torch.ones(b, L, dtype=torch.long, device="cuda")
+    mask = torch.ones(b, L, dtype=torch.long, device=DEVICE)
     n_ids = len(ids)
 
     class Full(torch.nn.Module):
@@ -208,47 +216,46 @@ def training(name: str, model: str, layer: int, path: Path, keys: list[str], ids
 
     out: dict = {"model": name, "batch": [b, L], "compute": "float32"}
     torch.manual_seed(0)
-    net = Full(LayerExtractor(model, device="cuda").model).cuda().train()
+    net = Full(LayerExtractor(model, device=DEVICE).model).to(DEVICE).train()
     opt = make_optimizer(net, lr=2e-5)
     out["NR_ms"] = per_batch_ms(lambda i: step(net, opt, {"input_ids": ids[i % n_ids], "attention_mask": mask,
                                                          "labels": label_batches[i % n_ids]}), batches)
-    del net, opt
-    reduced = ReducedModel.for_store(store, task="sequence", num_labels=4, model=model).cuda().train()
+    net = opt = None  # freed before the reduced model is made
+    reduced = ReducedModel.for_store(store, task="sequence", num_labels=4, model=model).to(DEVICE).train()
     opt = make_optimizer(reduced, lr=2e-5)
-    states = [torch.randn(b, L, reduced.tail.hidden_size, device="cuda") for _ in range(4)]
+    states = [torch.randn(b, L, reduced.tail.hidden_size, device=DEVICE) for _ in range(4)]
     out["R_on_device_ms"] = per_batch_ms(lambda i: step(reduced, opt, {"hidden_states": states[i % 4],
                                                                        "attention_mask": mask,
                                                                        "labels": label_batches[i % n_ids]}), batches)
-    with store.loader(keys, labels=labels, batch_size=b, shuffle=True, seed=0, prefetch=4, device="cuda",
+    with store.loader(keys, labels=labels, batch_size=b, shuffle=True, seed=0, prefetch=4, device=DEVICE,
                       drop_last=True) as loader:
         it = endless(loader)
         out["R_ms"] = per_batch_ms(lambda i: step(reduced, opt, next(it)), batches)
 
     # SR: epoch 1 computes layers 0..k-1, writes them and trains; epochs 2.. read them back.
-    extractor = LayerExtractor(model, device="cuda")
+    extractor = LayerExtractor(model, device=DEVICE)
     sr_path = work / f"{name}-sr-{time.time_ns()}"
     torch.manual_seed(0)
-    sr_model = ReducedModel.for_store(store, task="sequence", num_labels=4, model=model).cuda().train()
+    sr_model = ReducedModel.for_store(store, task="sequence", num_labels=4, model=model).to(DEVICE).train()
     sr_opt = make_optimizer(sr_model, lr=2e-5)
     sr_keys = keys[: len(ids) * b]
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     with StoreWriter(str(sr_path), store.recipe) as writer:
         for i in range(len(ids)):
-            with torch.no_grad():
-                h = extractor(ids[i], mask, None, [layer])[layer]
-            step(sr_model, sr_opt, {"hidden_states": h.float(), "attention_mask": mask, "labels": label_batches[i]})
+            h = extractor(ids[i], mask, None, [layer])[layer].float().clone()  # not an inference tensor
+            step(sr_model, sr_opt, {"hidden_states": h, "attention_mask": mask, "labels": label_batches[i]})
             host, host_ids = h.float().cpu().numpy(), ids[i].cpu().numpy().astype(np.int32)
             for j, k in enumerate(sr_keys[i * b : (i + 1) * b]):
                 writer.append(k, host[j], host_ids[j])
         writer.commit(build={"source": "bench_gpu SR"})
     with erstore.open(str(sr_path)).loader(sr_keys, labels=labels, batch_size=b, shuffle=True, seed=0, prefetch=4,
-                                           device="cuda", drop_last=True) as loader:
+                                           device=DEVICE, drop_last=True) as loader:
         loader.set_epoch(1)
         for _ in range(1, epochs):
             for batch in loader:
                 step(sr_model, sr_opt, batch)
-    torch.cuda.synchronize()
+    sync()
     sr_ms = (time.perf_counter() - t0) * 1e3 / (epochs * len(ids))
     n_layers = extractor.num_layers
     theory = n_layers / (n_layers - layer)
@@ -276,16 +283,16 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, corpus_file: Pa
         path = work / f"{name}-l{layer}-{store_name}"
         if not (path / "erstore.json").exists():
             erstore.build(model=model, layers=(layer,), corpus=str(corpus_file), store=str(path), dtype=dtype,
-                          codec=codec, max_length=L, device="cuda", progress=False)
+                          codec=codec, max_length=L, device=DEVICE, progress=False)
         stores[store_name] = path
     first = erstore.open(str(next(iter(stores.values()))))
     keys = sorted(e.key for e in first.read(list(first)) if len(e.token_ids) == L)
     entries = {e.key: e for e in first.read(keys)}
     ids = [torch.tensor(np.stack([entries[k].token_ids for k in keys[i * 32 : (i + 1) * 32]]).astype(np.int64),
-                         device="cuda")
+                         device=DEVICE)
            for i in range(len(keys) // 32)]
     print(f"[{name}] {len(stores)} stores, {len(keys)} full windows ({time.perf_counter() - t0:.0f} s)", flush=True)
-    extractor = LayerExtractor(model, device="cuda")
+    extractor = LayerExtractor(model, device=DEVICE)
     out: dict = {"model": name, "layer": layer, "num_layers": extractor.num_layers,
                  "theoretical": round(extractor.num_layers / (extractor.num_layers - layer), 3), "inference": []}
     for dtype_name in args.dtypes.split(","):
@@ -314,20 +321,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="SR epochs (0: no training rows)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "erstore-bench-gpu"))
     ap.add_argument("--erstore-root", help="import erstore from this checkout instead (an A/B baseline)")
+    ap.add_argument("--smoke-cpu", action="store_true", help="run everything on the CPU (to check the script)")
     ap.add_argument("--corpus", help="JSONL corpus to build from (default: written from the default corpus, "
                                      "whose size depends on the Python installation's standard library)")
     args = ap.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu needs a CUDA GPU (none found)")
+    global DEVICE
+    if args.smoke_cpu:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_gpu needs a CUDA GPU (none found; --smoke-cpu checks the script on the CPU)")
     t0 = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print(machine(), f"erstore from {Path(erstore.__file__).parent}")
-    corpus_file = Path(args.corpus) if args.corpus else corpus(work)
-    h2d = pinned_h2d_gbs()
+    corpus_file = Path(args.corpus) if args.corpus else corpus(work, 600 if args.smoke_cpu else 100_000)
+    h2d = pinned_h2d_gbs() if DEVICE == "cuda" else 0.0
     print(f"pinned host-to-device copy: {h2d:.1f} GB/s", flush=True)
     results = [bench_model(name, args, work, corpus_file) for name in args.models.split(",")]
     print("\nmodel    compute   batch   store         tail ms  recycled ms  ratio (<=1.10)  loader GB/s  copies  kernels")
@@ -342,6 +353,8 @@ def main() -> None:
             print(f"{r['model']} training: R / R on device = {t['R_over_on_device']} (<= 1.10); SR over "
                   f"{t['SR_epochs']} epochs = {t['SR_speedup']}x = {t['SR_of_theory']} of theory {t['theoretical']}")
     print(f"pinned host-to-device copy bandwidth: {h2d:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
+    if args.smoke_cpu:
+        return  # a check of the script, not a measurement
     record("gpu", {"settings": {"batch_sizes": args.batch_sizes, "tokens": L, "batches": args.batches,
                                 "stores": args.stores, "epochs": args.epochs,
                                 "erstore": str(Path(erstore.__file__).parent)},

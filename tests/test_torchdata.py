@@ -344,3 +344,35 @@ def test_loader_batches_equal_collate_of_items(codec_stores, codec, dtype, on_de
         else:
             assert torch.equal(batch["hidden_states"], want["hidden_states"])
         assert (batch["tags"][batch["attention_mask"] == 0] == -100).all()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 2.0], ids=["padded-copy", "real-rows-copy"])
+def test_device_layout_both_copy_forms(codec_stores, monkeypatch, fraction):
+    # Lossless runs travel padded (one cast on the device) or as real rows scattered into place.
+    from erstore.torchdata import assemble
+
+    monkeypatch.setattr(assemble, "PADDED_FRACTION", fraction)
+    store = erstore.open(codec_stores["shuffle"])
+    options = dict(batch_size=5, shuffle=True, seed=3, block_rows=16, buffer_blocks=2)
+    host = list(store.loader(**options))
+    device = list(store.loader(**options, decode_on_device=True))
+    assert len(host) == len(device) > 3
+    for a, b in zip(host, device):
+        assert a.keys() == b.keys() and a["keys"] == b["keys"]
+        for name in ("hidden_states", "attention_mask", "input_ids", "boundaries"):
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_switch_interval_is_lowered_while_an_epoch_runs_and_restored(read_store):
+    store = erstore.open(read_store)
+    before = sys.getswitchinterval()
+    loader = store.loader(batch_size=4)
+    first, second = iter(loader), iter(store.loader(batch_size=4))
+    next(first)
+    assert sys.getswitchinterval() == min(before, 0.0005)
+    first.close()
+    assert sys.getswitchinterval() == min(before, 0.0005)  # the second epoch still runs
+    second.close()
+    assert sys.getswitchinterval() == before
+    sum(1 for _ in loader)  # a whole epoch ends by itself
+    assert sys.getswitchinterval() == before

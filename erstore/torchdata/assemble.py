@@ -2,21 +2,23 @@
 
 The Loader reads consecutive batches in read groups (one storage read each). `GroupRows` is where a
 read group's raw stored parts arrive from storage: the spans of one `PendingRead`, concatenated
-(per build for lossy codecs, all builds together for lossless ones) with a zero row appended, so
-that every token of every batch is "row `i` of the group" and every padding position is "the zero
-row". `Layout` computes, once per group, where every token comes from and goes; a run of
+(per build for lossy codecs, all builds together for lossless ones; a group read as one span is
+used as it arrived, without a copy), so that every token of every batch is "row `i` of the
+group". `Layout` computes, once per group, where every token comes from and goes; a run of
 consecutive batches (a `Cut` of it) is then materialised at once:
 
 - host: one `index_select` of the group's decoded rows into the run's padded [sum B*L, d] buffer
-  (padding gathers the zero row), one for the token ids, one numpy op for the mask; label
-  columns by the same index. Batches are views of the run's buffers.
-- device: the run's real rows of every stored part, its token ids, destination rows, boundaries
-  and label columns are gathered into ONE (pinned) staging buffer, copied to the device with one
-  host-to-device copy, and decoded, padded and laid out there by a fixed handful of kernels per
-  run (~8 for a lossless store), whatever the batch size or number of sequences.
+  (plus a casting copy from a reused scratch buffer) and one `index_fill_` that zeroes its
+  padding rows; token ids, mask and label columns are views of arrays laid out once per group.
+  Batches are views of these buffers.
+- device: the run's stored codes (padded, or only its real rows when padding is heavy or the
+  codec lossy), its mask, padded token ids, boundaries and label columns are gathered into ONE
+  (pinned) staging buffer, copied to the device with one host-to-device copy, and decoded and
+  placed there by 1-4 kernels per run (one cast for a lossless store with little padding),
+  whatever the batch size or number of sequences.
 
 Python work per run is a constant number of numpy/torch calls, not a loop over sequences, so the
-prefetch thread needs the GIL rarely (a consumer that holds it in a Python loop barely slows it).
+prefetch thread needs the GIL for a few short stretches per run.
 Values are those `Collate` produces from `store.read`: same decode per row (int4's rotation, a
 BLAS product, is decoded batch by batch on exactly the rows it was before), same casts.
 Not here: the order of batches (erstore.shuffle), threads and queues (producer.py, loader.py).
@@ -34,6 +36,8 @@ from erstore import torchcodecs
 from erstore.codecs import Codec, Int4Codec
 from erstore.torchdata.collate import pad_field
 
+# Lossless runs with at least this fraction of real rows are copied to the device padded.
+PADDED_FRACTION = 0.75
 _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
           "int64": torch.int64, "bool": torch.bool}
@@ -53,7 +57,8 @@ class GroupRows:
         rows: stored start row of each sequence of the group (the positions read, in order).
         codec, params: the store's codec and each build slot's codec parameters (`slot -> params`).
         pad_token_id: the token id of padding (appended after the last token row).
-    Attributes: `offset[i]` is the group row of sequence i's first token; row `zero` is padding.
+    Attributes: `offset[i]` is the group row of sequence i's first token; `tokens[zero]` is the
+    padding token id (appended after the group's token ids).
     """
 
     def __init__(self, spans: Sequence[tuple[int, int, list[int], dict[str, np.ndarray], np.ndarray]],
@@ -80,9 +85,9 @@ class GroupRows:
         self.zero = base
         self.tokens = np.concatenate([*tokens, np.full(1, pad_token_id, dtype=tokens[0].dtype if tokens else np.int32)])
         names = list(pieces[0][0]) if pieces else []
-        if self.lossless:  # parameters play no part: one row space for all builds, zero row included
+        if self.lossless:  # parameters play no part: one row space for all builds
             flat = [p for slot_pieces in pieces for p in slot_pieces]
-            self.raw = [{n: _concat([p[n] for p in flat], zero_row=True) for n in names}]
+            self.raw = [{n: _concat([p[n] for p in flat]) for n in names}]
         else:
             self.raw = [{n: _concat([p[n] for p in sp]) for n in names} for sp in pieces]
         self._source: torch.Tensor | None = None
@@ -106,14 +111,14 @@ class GroupRows:
         return self.codec.decode(parts, self.params.get(self.slots[k], {}))
 
     def source(self) -> torch.Tensor:
-        """Decoded rows of the whole group plus the zero row, [rows + 1, d] (stored dtype for lossless
+        """Decoded rows of the whole group, [rows, d] (stored dtype for lossless
         codecs, float32 otherwise); decoded once per group (row-independent codecs only)."""
         if self._source is None:
             if self.lossless:
                 self._source = torchcodecs.as_tensor(self._decode(self.raw[0], 0))
             else:
                 decoded = [self._decode(parts, k) for k, parts in enumerate(self.raw)]
-                self._source = torchcodecs.as_tensor(_concat(decoded, zero_row=True))
+                self._source = torchcodecs.as_tensor(_concat(decoded))
         return self._source
 
 
@@ -154,7 +159,11 @@ class Layout:
         self.src = rows.offset[self.rep] + self.j
         self.full = np.full(int(self.row0[-1]), rows.zero, dtype=np.int64)  # group row of every padded row
         self.full[self.dst] = self.src
-        self.mask = (self.full != rows.zero).astype(np.int64)
+        real = self.full != rows.zero
+        self.mask = real.astype(np.int64)
+        self.pad = np.flatnonzero(~real)  # padded rows, zeroed after the states' gather
+        self.states_index = self.full.copy()
+        self.states_index[self.pad] = 0  # any real row: overwritten with zeros
 
     def runs(self, batches: int, rows: int) -> list[tuple[int, int]]:
         """Consecutive batches cut into runs of at most `batches` batches and `rows` padded rows
@@ -185,6 +194,12 @@ class Cut:
         self.n0, self.n1 = int(lay.tok_start[self.i0]), int(lay.tok_start[self.i1])
         self.total, self.n = self.r1 - self.r0, self.n1 - self.n0
         self.items = lay.items[self.i0 : self.i1]
+
+    @property
+    def pad(self) -> np.ndarray:
+        """Padding rows of the run, relative to its first padded row."""
+        lo, hi = np.searchsorted(self.lay.pad, [self.r0, self.r1])
+        return self.lay.pad[lo:hi] - self.r0
 
     @property
     def src(self) -> np.ndarray:
@@ -259,6 +274,7 @@ class Assembler:
         self.labels = dataset.label_columns()
         self.keys = dataset.item_keys()
         self.d = dataset.hidden_size
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def group(self, batches: Sequence[np.ndarray], rows: GroupRows) -> Group:
         """Everything of a read group that is laid out once for all its batches."""
@@ -283,10 +299,17 @@ class Assembler:
 
     def _gather(self, source: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """source[index] as `dtype`: one gather, plus one casting copy when the dtypes differ."""
+        shape = (len(index), *source.shape[1:])
         if source.dtype == dtype:
-            return torch.index_select(source, 0, index, out=self._empty((len(index), *source.shape[1:]), dtype))
-        out = self._empty((len(index), *source.shape[1:]), dtype)
-        return out.copy_(source.index_select(0, index))
+            return torch.index_select(source, 0, index, out=self._empty(shape, dtype))
+        # The stored-dtype rows go through a scratch buffer this thread reuses: fresh memory
+        # costs a page fault per 4 KiB, about as much as the copy itself.
+        need = int(np.prod(shape))
+        scratch = self._scratch.get(source.dtype)
+        if scratch is None or scratch.numel() < need:
+            scratch = self._scratch[source.dtype] = torch.empty(max(need, 1 << 16), dtype=source.dtype)
+        gathered = torch.index_select(source, 0, index, out=scratch[:need].view(shape))
+        return self._empty(shape, dtype).copy_(gathered)
 
 
 class Group:
@@ -298,10 +321,12 @@ class Group:
         self.labels = GroupLabels(asm.labels, self.lay, asm.label_pad)
         self.keys = [asm.keys[i] for i in self.lay.items.tolist()]
         self.boundaries = asm.ds.boundaries[self.lay.items]
+        self.ids = rows.tokens.astype(np.int64)[self.lay.full]  # padded token ids of every batch
         pin = asm.pin and not asm.on_device
         as_t = (lambda a: torch.from_numpy(a).pin_memory()) if pin else torch.from_numpy
-        self.host = {"full": torch.from_numpy(self.lay.full), "attention_mask": as_t(self.lay.mask),
-                     "boundaries": as_t(self.boundaries), **{n: as_t(v) for n, v in self.labels.per_item.items()},
+        self.host = {"full": torch.from_numpy(self.lay.full), "states_index": torch.from_numpy(self.lay.states_index),
+                     "attention_mask": as_t(self.lay.mask),
+                     "boundaries": as_t(self.boundaries), "input_ids": as_t(self.ids), **{n: as_t(v) for n, v in self.labels.per_item.items()},
                      **{n: as_t(v) for n, v in self.labels.per_row.items()}}
 
     def runs(self, batches: int, rows: int) -> list[Cut]:
@@ -311,9 +336,8 @@ class Group:
     def host_run(self, cut: Cut) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
         """The run's batches as CPU tensors (pinned when a device copy follows); and their bases."""
         asm, rows = self.asm, self.rows
-        index = self.host["full"][cut.r0 : cut.r1]
         if row_independent(asm.codec):
-            states = asm._gather(rows.source(), index, asm.dtype)
+            states = asm._gather(rows.source(), self.host["states_index"][cut.r0 : cut.r1], asm.dtype)
         else:  # decode batch by batch, build by build, on the rows decoded together before
             chunks, where, at = [], np.empty(cut.n, dtype=np.int64), 0
             for k, sel in asm._decode_groups(cut, rows):
@@ -321,10 +345,13 @@ class Group:
                 chunks.append(rows._decode({n: p[local] for n, p in rows.raw[k].items()}, k))
                 where[sel] = at + np.arange(len(sel))
                 at += len(sel)
-            full = np.full(cut.total, at, dtype=np.int64)
+            full = np.zeros(cut.total, dtype=np.int64)
             full[cut.dst] = where
-            states = asm._gather(torchcodecs.as_tensor(_concat(chunks, zero_row=True)), torch.from_numpy(full), asm.dtype)
-        ids = asm._gather(torch.from_numpy(rows.tokens), index, torch.long)
+            states = asm._gather(torchcodecs.as_tensor(_concat(chunks)), torch.from_numpy(full), asm.dtype)
+        pad = cut.pad
+        if len(pad):
+            states.index_fill_(0, torch.from_numpy(pad), 0)
+        ids = self.host["input_ids"][cut.r0 : cut.r1]
         flat: dict[str, Any] = {"hidden_states": states.view(cut.total, asm.d),
                                 "attention_mask": self.host["attention_mask"][cut.r0 : cut.r1], "input_ids": ids,
                                 "keys": None, "boundaries": self.host["boundaries"][cut.i0 : cut.i1]}
@@ -341,45 +368,52 @@ class Group:
 
     # -- device ------------------------------------------------------------------------------------
     def device_run(self, cut: Cut) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-        """The run's batches on the device: one staging buffer, one copy, a few kernels."""
+        """The run's batches on the device: one staging buffer, one copy, 1-4 kernels for the states.
+
+        Mask, padded token ids, boundaries and labels are laid out on the host (small) and only
+        copied. Lossless codes with little padding travel padded (zeros included), so the device
+        only decodes them (one cast); otherwise only the real rows travel, and the device zeroes,
+        decodes and scatters them into place.
+        """
         asm, rows = self.asm, self.rows
         pack = _Pack()
-        groups = asm._decode_groups(cut, rows)
-        src, dst = cut.src, cut.dst
-        for g, (k, sel) in enumerate(groups):
-            local = src[sel] - (0 if rows.lossless else rows.bases[k])
-            for name, part in rows.raw[k].items():
-                pack.add(f"p{g}.{name}", part, local)
-            pack.add(f"d{g}", dst[sel])
-        pack.add("tokens", rows.tokens, src)
-        pack.add("dst", dst)
+        padded = rows.lossless and cut.n >= PADDED_FRACTION * cut.total
+        groups = [] if padded else asm._decode_groups(cut, rows)
+        if padded:
+            index = self.lay.states_index[cut.r0 : cut.r1]
+            for name, part in rows.raw[0].items():
+                pack.add(f"p.{name}", part, index, zero=cut.pad)
+        else:
+            src, dst = cut.src, cut.dst
+            for g, (k, sel) in enumerate(groups):
+                local = src[sel] - (0 if rows.lossless else rows.bases[k])
+                for name, part in rows.raw[k].items():
+                    pack.add(f"p{g}.{name}", part, local)
+                pack.add(f"d{g}", dst[sel])
+        pack.add("attention_mask", self.lay.mask[cut.r0 : cut.r1])
+        pack.add("input_ids", self.ids[cut.r0 : cut.r1])
         pack.add("boundaries", self.boundaries[cut.i0 : cut.i1])
         for name, values in self.labels.per_item.items():
             pack.add(f"l.{name}", values[cut.i0 : cut.i1])
-        for name, values in self.labels.per_token.items():
-            pack.add(f"l.{name}", values[cut.n0 : cut.n1])
+        for name, values in self.labels.per_row.items():
+            pack.add(f"l.{name}", values[cut.r0 : cut.r1])
         dev = pack.to(asm.device, pin=asm.pin)  # the run's one host-to-device copy
-        states = torch.zeros(cut.total, asm.d, dtype=asm.dtype, device=asm.device)
-        for g, (k, _) in enumerate(groups):
-            parts = {name: dev[f"p{g}.{name}"] for name in rows.raw[k]}
-            if asm.codec is None:
-                decoded = parts["states"]
-            else:
-                decoded = torchcodecs.decode(asm.codec, parts, {} if rows.lossless else rows.params.get(rows.slots[k], {}))
-            states.index_copy_(0, dev[f"d{g}"], decoded.to(asm.dtype))
-        at = dev["dst"]
-        ids = torch.full((cut.total,), asm.pad_token_id, dtype=torch.long, device=asm.device)
-        ids.index_copy_(0, at, dev["tokens"].to(torch.long))
-        mask = torch.zeros(cut.total, dtype=torch.long, device=asm.device).index_fill_(0, at, 1)
-        flat: dict[str, Any] = {"hidden_states": states, "attention_mask": mask, "input_ids": ids, "keys": None,
-                                "boundaries": dev["boundaries"]}
+        if padded:
+            parts = {name: dev[f"p.{name}"] for name in rows.raw[0]}
+            decoded = parts["states"] if asm.codec is None else torchcodecs.decode(asm.codec, parts, {})
+            states = decoded.to(asm.dtype)
+        else:
+            states = torch.zeros(cut.total, asm.d, dtype=asm.dtype, device=asm.device)
+            for g, (k, _) in enumerate(groups):
+                parts = {name: dev[f"p{g}.{name}"] for name in rows.raw[k]}
+                params = {} if rows.lossless else rows.params.get(rows.slots[k], {})
+                decoded = parts["states"] if asm.codec is None else torchcodecs.decode(asm.codec, parts, params)
+                states.index_copy_(0, dev[f"d{g}"], decoded.to(asm.dtype))
+        flat: dict[str, Any] = {"hidden_states": states, "attention_mask": dev["attention_mask"],
+                                "input_ids": dev["input_ids"], "keys": None, "boundaries": dev["boundaries"]}
         for name in self.labels.names:
-            if name in self.labels.per_item:
+            if name in self.labels.per_item or name in self.labels.per_row:
                 flat[name] = dev[f"l.{name}"]
-            elif name in self.labels.per_token:
-                values = dev[f"l.{name}"]
-                padded = torch.full((cut.total,), asm.label_pad, dtype=values.dtype, device=asm.device)
-                flat[name] = padded.index_copy_(0, at, values)
             else:
                 flat[name] = self.labels.other[name][cut.t0 : cut.t1]
         per_item = {"boundaries", *self.labels.per_item}
@@ -391,21 +425,24 @@ class _Pack:
     """Arrays gathered into one byte buffer (16-byte aligned segments), copied to a device at once."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[str, np.ndarray, np.ndarray | None, int, tuple[int, ...], np.dtype]] = []
+        self.entries: list[tuple[str, np.ndarray, np.ndarray | None, int, tuple[int, ...], np.dtype,
+                                 np.ndarray | None]] = []
         self.size = 0
 
-    def add(self, name: str, source: np.ndarray, index: np.ndarray | None = None) -> None:
-        """Add `source[index]` (rows; all of `source` when index is None) as segment `name`."""
+    def add(self, name: str, source: np.ndarray, index: np.ndarray | None = None, *,
+            zero: np.ndarray | None = None) -> None:
+        """Add `source[index]` (rows; all of `source` when index is None) as segment `name`, with
+        rows `zero` of it set to zeros."""
         rows = len(source) if index is None else len(index)
         shape = (rows, *source.shape[1:])
         nbytes = int(np.prod(shape, dtype=np.int64)) * source.dtype.itemsize
-        self.entries.append((name, source, index, self.size, shape, source.dtype))
+        self.entries.append((name, source, index, self.size, shape, source.dtype, zero))
         self.size += -(-nbytes // 16) * 16
 
     def to(self, device: torch.device, *, pin: bool) -> dict[str, torch.Tensor]:
         host = torch.empty(max(self.size, 16), dtype=torch.uint8, pin_memory=pin)
         buf = host.numpy()
-        for _, source, index, at, shape, dtype in self.entries:
+        for _, source, index, at, shape, dtype, zero in self.entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             dst = buf[at : at + nbytes].view(_raw(dtype)).reshape(shape)
             src = source.view(_raw(dtype)) if source.dtype.name == "bfloat16" else source
@@ -413,9 +450,11 @@ class _Pack:
                 dst[...] = src
             else:
                 np.take(src, index, axis=0, out=dst, mode="clip")  # "raise" would buffer `out`
+            if zero is not None and len(zero):
+                dst[zero] = 0
         moved = host.to(device, non_blocking=pin)
         out = {}
-        for name, _, _, at, shape, dtype in self.entries:
+        for name, _, _, at, shape, dtype, _ in self.entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             out[name] = moved[at : at + nbytes].view(_TORCH[dtype.name]).view(shape)
         return out

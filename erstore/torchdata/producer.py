@@ -23,7 +23,10 @@ import torch
 from erstore.torchdata import dataset as _dataset
 from erstore.torchdata.assemble import Assembler, Cut, Group, GroupRows
 
-RUN_VALUES = 1 << 23  # padded values per run (32 MB of float32): bounds a run's buffers
+# Padded values per run (8 MB of float32). Bounds a run's buffers; larger ones come from fresh
+# mmapped memory each time (glibc) and page-faulting it cost more than the copies into it.
+RUN_VALUES = 1 << 21
+RUN_VALUES_DEVICE = 1 << 23  # on the device path outputs are device memory: no page faults
 
 
 class Failure:
@@ -75,7 +78,8 @@ class Producer:
                 if g + 1 < len(groups):  # TensorStore reads the next group while this one is laid out
                     pending = self._start_read(groups[g + 1])
                 laid = self.assembler.group(group, self._arrived(fetched, items))
-                for run in laid.runs(self.run_batches, RUN_VALUES // self.dataset.hidden_size):
+                budget = RUN_VALUES_DEVICE if self.on_device else RUN_VALUES
+                for run in laid.runs(self.run_batches, budget // self.dataset.hidden_size):
                     if stop.is_set():
                         return
                     if not _put(out, stop, self._prepare(laid, run)):
