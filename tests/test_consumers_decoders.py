@@ -299,3 +299,20 @@ def test_positions_come_from_the_mask_so_left_padding_gives_the_same_states(dzoo
         for row, e in enumerate(entries):
             alone = tail(torch.from_numpy(e.states)[None])[0]
             assert (got[row, n - len(e.states):] - alone).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family,dtype,bound", [("llama", "float16", 5e-3), ("gemma2", "bfloat16", 1e-1)])
+def test_half_precision_decoder_store_error_is_bounded(dzoo, family, dtype, bound, tmp_path):
+    import erstore
+
+    erstore.build(model=str(dzoo.model(family)), layers=(2,), corpus=str(dzoo.corpus), store=str(tmp_path / "s"),
+                  dtype=dtype, progress=False, max_length=64, stride=8)
+    store = erstore.open(str(tmp_path / "s"))
+    tail, full = load_tail(store), base_model(dzoo, family)
+    worst = 0.0
+    with torch.no_grad():
+        for e in all_entries(store)[:6]:
+            want = full(input_ids=ids_of(e)).last_hidden_state
+            got = tail(torch.from_numpy(e.states.astype(np.float32))[None])
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    assert 0 < worst < bound
