@@ -316,3 +316,26 @@ def test_half_precision_decoder_store_error_is_bounded(dzoo, family, dtype, boun
             got = tail(torch.from_numpy(e.states.astype(np.float32))[None])
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
     assert 0 < worst < bound
+
+
+def test_states_beyond_float16_range_fail_the_build_and_name_bfloat16(dzoo, tmp_path):
+    import erstore
+    from erstore.errors import InvalidInputError
+    from tests.decoder_fixtures import save_tiny_decoder
+
+    folder = save_tiny_decoder(tmp_path / "loud", "gemma2")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e6)  # ~2e4 x sqrt(32) at the input: above 65504
+    model.save_pretrained(folder)
+    with pytest.raises(InvalidInputError, match="bfloat16"):
+        erstore.build(model=str(folder), layers=(0,), corpus=str(dzoo.corpus), store=str(tmp_path / "s"),
+                      dtype="float16", progress=False, max_length=64)
+    versions = tmp_path / "s" / "versions"
+    assert not versions.exists() or not any(versions.iterdir())  # nothing committed
+    erstore.build(model=str(folder), layers=(0,), corpus=str(dzoo.corpus), store=str(tmp_path / "b"),
+                  dtype="bfloat16", progress=False, max_length=64)
+    store = erstore.open(str(tmp_path / "b"))
+    assert all(np.isfinite(e.states.astype(np.float32)).all() for e in store.read(sorted(store)))
