@@ -174,10 +174,27 @@ class LayerExtractor:
 
 
 def to_numpy(tensor: Any, dtype: str = "float32") -> np.ndarray:
-    """Cast on the torch side (fast, vectorised) and hand over as numpy without another copy."""
+    """Cast on the torch side (fast, vectorised) and hand over as numpy without another copy.
+
+    Raises InvalidInputError if a value is not finite after the cast: decoder models' residual
+    streams (Gemma's above all) can exceed float16's range (65504), and a store of inf is silent
+    garbage for every consumer. One isfinite pass costs far less than the layers that made it.
+    """
     import torch
 
     t = tensor.detach().to(getattr(torch, dtype)).cpu()
+    if not bool(torch.isfinite(t).all()):
+        source = tensor.detach()
+        if bool(torch.isfinite(source).all()):
+            raise InvalidInputError(
+                f"hidden states reach {source.abs().max().item():.4g}, beyond the range of {dtype} "
+                f"(max {torch.finfo(getattr(torch, dtype)).max:.4g}), so the store would hold inf: "
+                "build with --dtype bfloat16 (float32's range) or --dtype float32"
+            )
+        raise InvalidInputError(
+            "the model produced NaN or inf hidden states; check its weights and dtype (a model "
+            "run in float16 can overflow: load it in float32 or bfloat16)"
+        )
     if dtype == "bfloat16":  # numpy has no bfloat16; reinterpret the bits as ml_dtypes.bfloat16
         return t.view(torch.int16).numpy().view(storage_dtype("bfloat16"))
     return t.numpy()
