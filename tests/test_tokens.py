@@ -299,7 +299,8 @@ def test_plan_covers_every_row_once_across_ranks(lengths, block_rows, drop_first
 def test_example_trains_a_probe_and_an_sae_on_the_token_feed(read_store):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "examples" / "tokens_probe_sae.py"), "--store", str(read_store), "--epochs", "8",
-           "--batch-size", "64", "--classes", "5", "--latents", "64", "--test-every", "3"]
+           "--batch-size", "64", "--sae-batch-size", "64", "--l1", "0.05", "--classes", "5", "--latents", "64",
+           "--test-every", "3"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["probe_test_tokens"] > 0 and result["sae_test_tokens"] > 0
