@@ -172,6 +172,16 @@ class TokenFeed:
         self.batch_size = batch_size
         self.epoch, self.step = 0, 0
 
+    def close(self) -> None:
+        """Drop the feed's own array handles (the store's stay open)."""
+        self._arrays.clear()
+
+    def __enter__(self) -> TokenFeed:  # noqa: PYI034 (as Store; typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- iteration --------------------------------------------------------------------------
     def __len__(self) -> int:
         """Batches per epoch for this rank."""

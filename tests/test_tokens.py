@@ -255,10 +255,14 @@ def test_bad_options_are_clear_errors(read_store):
             store.tokens(**options)
 
 
-def test_empty_selection_yields_nothing(read_store):
+def test_empty_selection_yields_nothing_and_a_closed_feed_reopens(read_store):
     store = erstore.open(read_store)
     feed = store.tokens(drop_first=10_000)
     assert len(feed) == 0 and list(feed.batches(0)) == []
+    with store.tokens(batch_size=10_000) as feed:
+        first = next(iter(feed))
+    again = next(feed.batches(0))  # closing dropped handles only; they reopen on use
+    np.testing.assert_array_equal(first.states, again.states)
 
 
 def test_import_tokens_does_not_import_torch_or_transformers():
