@@ -222,7 +222,9 @@ class TokenFeed:
         offset = first - (int(ends[w - 1]) if w else 0)
         pending = self._start(windows[w]) if first < end else None
         step, pos = start, first
-        parts: list[tuple[_Window, int, int]] = []
+        # A batch's rows are gathered as soon as they are chosen, so a batch that straddles two
+        # windows holds no reference to the first: at most two windows are ever alive.
+        parts: list[tuple[np.ndarray, ...]] = []
         need = self.batch_size
         while pos < end:
             current = self._finish(pending, epoch, w, int(sizes[w]))
@@ -232,23 +234,19 @@ class TokenFeed:
             available = len(current.rows)
             while offset < available and pos < end:
                 take = min(need, available - offset, end - pos)
-                parts.append((current, offset, offset + take))
+                parts.append(self._take(current, offset, offset + take))
                 offset, pos, need = offset + take, pos + take, need - take
                 if need == 0 or pos == end:
-                    yield self._batch(parts, epoch, step)
+                    yield TokenBatch(*(_cat([p[i] for p in parts]) for i in range(4)), epoch, step, self.store.index)
                     parts, need, step = [], self.batch_size, step + 1
             offset = 0
 
-    def _batch(self, parts: list[tuple[_Window, int, int]], epoch: int, step: int) -> TokenBatch:
-        def cat(pieces: list[np.ndarray]) -> np.ndarray:
-            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-        states = cat([win.states[win.rows[a:b]] for win, a, b in parts])
+    def _take(self, win: _Window, a: int, b: int) -> tuple[np.ndarray, ...]:
+        """States (one gather, cast if asked), token ids, positions and sequences of stream rows [a, b)."""
+        states = win.states[win.rows[a:b]]
         if self.dtype is not None:
             states = states.astype(self.dtype, copy=False)
-        return TokenBatch(states, cat([w.token_ids[a:b] for w, a, b in parts]),
-                          cat([w.positions[a:b] for w, a, b in parts]),
-                          cat([w.sequences[a:b] for w, a, b in parts]), epoch, step, self.store.index)
+        return states, win.token_ids[a:b], win.positions[a:b], win.sequences[a:b]
 
     # -- reading ----------------------------------------------------------------------------
     def _layout(self, block_ids: np.ndarray) -> tuple[list[tuple[int, int, int]], dict[str, np.ndarray]]:
@@ -351,6 +349,10 @@ class TokenFeed:
             keep = ~np.isin(token_buf[layout["rows"]], self.drop_ids)
             counts += np.bincount(layout["block"][keep], minlength=len(self.blocks))
         return counts
+
+
+def _cat(pieces: list[np.ndarray]) -> np.ndarray:
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _ranges(sizes: np.ndarray) -> np.ndarray:
