@@ -7,11 +7,12 @@
 
 Every stored token row of the chosen sequences (all, or `keys`) comes exactly once per epoch,
 minus the dropped ones: special tokens ([CLS]/[SEP]/BOS/EOS/PAD as the store's tokenizer lists
-them; [UNK] is content and kept), any `drop_ids`, and the first `drop_first` positions of every
-stored window (attention-sink tokens). The order is block-aware (`erstore.tokenplan`): chunks
-are permuted, a window of `buffer_bytes` of them is read with one batched TensorStore call (each
-chunk decoded once, by TensorStore's threads, while the previous window is being consumed), and
-its rows are shuffled in memory. So reading costs about what a sequential scan costs, where
+them; [UNK] is content and kept), any `drop_ids`, the first `drop_first` positions of every
+stored window (attention-sink tokens), and with `drop_overlap` the positions a continuation
+window repeats from the previous window. The order is block-aware (`erstore.tokenplan`): chunks
+are permuted, a window of `buffer_bytes` of them is copied by TensorStore straight into one
+buffer (one copy per run of neighbouring chunks, each chunk decoded once, on TensorStore's
+threads, while the previous window is being consumed), and its rows are shuffled in memory. So reading costs about what a sequential scan costs, where
 per-token reads (`read_positions` on random tokens) reach only a few percent of it.
 
 Seeded and resumable: the stream is a pure function of (seed, epoch, rank); `batches(epoch,
