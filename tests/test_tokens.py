@@ -337,3 +337,18 @@ def test_drop_overlap_yields_each_document_token_once(read_store):
 def test_drop_overlap_refuses_text_pair_stores(qa_store):
     with pytest.raises(InvalidInputError, match="single-text"):
         erstore.open(qa_store).tokens(drop_overlap=True)
+
+
+@pytest.mark.slow
+def test_feed_over_object_storage(tiny_bert, corpus, s3_server, s3_url, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    erstore.build(model=str(tiny_bert), layers=(2,), corpus=str(corpus), store=s3_url, dtype="float32",
+                  max_length=64, progress=False, id_field="id")
+    store = erstore.open(s3_url)
+    truth = stored_tokens(store)
+    batches = delivered(store.tokens(batch_size=25, seed=0, drop_overlap=True))
+    seen = rows_of(batches)
+    assert len(seen) == len(set(seen)) and set(seen) < set(truth)  # the long document's overlaps left out
+    for b in batches:
+        for i, sp in enumerate(zip(b.sequences.tolist(), b.positions.tolist())):
+            np.testing.assert_array_equal(b.states[i], truth[sp][0])
