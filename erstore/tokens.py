@@ -7,11 +7,12 @@
 
 Every stored token row of the chosen sequences (all, or `keys`) comes exactly once per epoch,
 minus the dropped ones: special tokens ([CLS]/[SEP]/BOS/EOS/PAD as the store's tokenizer lists
-them; [UNK] is content and kept), any `drop_ids`, and the first `drop_first` positions of every
-stored window (attention-sink tokens). The order is block-aware (`erstore.tokenplan`): chunks
-are permuted, a window of `buffer_bytes` of them is read with one batched TensorStore call (each
-chunk decoded once, by TensorStore's threads, while the previous window is being consumed), and
-its rows are shuffled in memory. So reading costs about what a sequential scan costs, where
+them; [UNK] is content and kept), any `drop_ids`, the first `drop_first` positions of every
+stored window (attention-sink tokens), and with `drop_overlap` the positions a continuation
+window repeats from the previous window. The order is block-aware (`erstore.tokenplan`): chunks
+are permuted, a window of `buffer_bytes` of them is copied by TensorStore straight into one
+buffer (one copy per run of neighbouring chunks, each chunk decoded once, on TensorStore's
+threads, while the previous window is being consumed), and its rows are shuffled in memory. So reading costs about what a sequential scan costs, where
 per-token reads (`read_positions` on random tokens) reach only a few percent of it.
 
 Seeded and resumable: the stream is a pure function of (seed, epoch, rank); `batches(epoch,
@@ -172,6 +173,16 @@ class TokenFeed:
         self.batch_size = batch_size
         self.epoch, self.step = 0, 0
 
+    def close(self) -> None:
+        """Drop the feed's own array handles (the store's stay open)."""
+        self._arrays.clear()
+
+    def __enter__(self) -> TokenFeed:  # noqa: PYI034 (as Store; typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- iteration --------------------------------------------------------------------------
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -212,7 +223,9 @@ class TokenFeed:
         offset = first - (int(ends[w - 1]) if w else 0)
         pending = self._start(windows[w]) if first < end else None
         step, pos = start, first
-        parts: list[tuple[_Window, int, int]] = []
+        # A batch's rows are gathered as soon as they are chosen, so a batch that straddles two
+        # windows holds no reference to the first: at most two windows are ever alive.
+        parts: list[tuple[np.ndarray, ...]] = []
         need = self.batch_size
         while pos < end:
             current = self._finish(pending, epoch, w, int(sizes[w]))
@@ -222,23 +235,19 @@ class TokenFeed:
             available = len(current.rows)
             while offset < available and pos < end:
                 take = min(need, available - offset, end - pos)
-                parts.append((current, offset, offset + take))
+                parts.append(self._take(current, offset, offset + take))
                 offset, pos, need = offset + take, pos + take, need - take
                 if need == 0 or pos == end:
-                    yield self._batch(parts, epoch, step)
+                    yield TokenBatch(*(_cat([p[i] for p in parts]) for i in range(4)), epoch, step, self.store.index)
                     parts, need, step = [], self.batch_size, step + 1
             offset = 0
 
-    def _batch(self, parts: list[tuple[_Window, int, int]], epoch: int, step: int) -> TokenBatch:
-        def cat(pieces: list[np.ndarray]) -> np.ndarray:
-            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-        states = cat([win.states[win.rows[a:b]] for win, a, b in parts])
+    def _take(self, win: _Window, a: int, b: int) -> tuple[np.ndarray, ...]:
+        """States (one gather, cast if asked), token ids, positions and sequences of stream rows [a, b)."""
+        states = win.states[win.rows[a:b]]
         if self.dtype is not None:
             states = states.astype(self.dtype, copy=False)
-        return TokenBatch(states, cat([w.token_ids[a:b] for w, a, b in parts]),
-                          cat([w.positions[a:b] for w, a, b in parts]),
-                          cat([w.sequences[a:b] for w, a, b in parts]), epoch, step, self.store.index)
+        return states, win.token_ids[a:b], win.positions[a:b], win.sequences[a:b]
 
     # -- reading ----------------------------------------------------------------------------
     def _layout(self, block_ids: np.ndarray) -> tuple[list[tuple[int, int, int]], dict[str, np.ndarray]]:
@@ -341,6 +350,10 @@ class TokenFeed:
             keep = ~np.isin(token_buf[layout["rows"]], self.drop_ids)
             counts += np.bincount(layout["block"][keep], minlength=len(self.blocks))
         return counts
+
+
+def _cat(pieces: list[np.ndarray]) -> np.ndarray:
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _ranges(sizes: np.ndarray) -> np.ndarray:

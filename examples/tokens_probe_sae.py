@@ -91,7 +91,7 @@ class SparseAutoencoder(torch.nn.Module):
 
 
 def train_sae(store: erstore.Store, train: list[str], test: list[str], args: argparse.Namespace) -> dict:
-    options = {"batch_size": args.batch_size, "drop_special": True, "dtype": "float32"}
+    options = {"batch_size": args.sae_batch_size, "drop_special": True, "dtype": "float32"}
     feed = store.tokens(train, seed=args.seed + 1, **options)
     d = store.recipe.hidden_size
     first = torch.from_numpy(next(iter(store.tokens(train, seed=99, **options))).states)
@@ -129,11 +129,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "erstore-example-minilm-l3"))
     ap.add_argument("--limit", type=int, default=4000, help="corpus documents if the store is built")
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=4096, help="probe batch (tokens)")
+    ap.add_argument("--sae-batch-size", type=int, default=1024, help="SAE batch (tokens): more, smaller steps")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--classes", type=int, default=50)
     ap.add_argument("--latents", type=int, default=1536)
-    ap.add_argument("--l1", type=float, default=0.02)
+    ap.add_argument("--l1", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--test-every", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)

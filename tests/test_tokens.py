@@ -255,10 +255,14 @@ def test_bad_options_are_clear_errors(read_store):
             store.tokens(**options)
 
 
-def test_empty_selection_yields_nothing(read_store):
+def test_empty_selection_yields_nothing_and_a_closed_feed_reopens(read_store):
     store = erstore.open(read_store)
     feed = store.tokens(drop_first=10_000)
     assert len(feed) == 0 and list(feed.batches(0)) == []
+    with store.tokens(batch_size=10_000) as feed:
+        first = next(iter(feed))
+    again = next(feed.batches(0))  # closing dropped handles only; they reopen on use
+    np.testing.assert_array_equal(first.states, again.states)
 
 
 def test_import_tokens_does_not_import_torch_or_transformers():
@@ -299,7 +303,8 @@ def test_plan_covers_every_row_once_across_ranks(lengths, block_rows, drop_first
 def test_example_trains_a_probe_and_an_sae_on_the_token_feed(read_store):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "examples" / "tokens_probe_sae.py"), "--store", str(read_store), "--epochs", "8",
-           "--batch-size", "64", "--classes", "5", "--latents", "64", "--test-every", "3"]
+           "--batch-size", "64", "--sae-batch-size", "64", "--l1", "0.05", "--classes", "5", "--latents", "64",
+           "--test-every", "3"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["probe_test_tokens"] > 0 and result["sae_test_tokens"] > 0
@@ -332,3 +337,18 @@ def test_drop_overlap_yields_each_document_token_once(read_store):
 def test_drop_overlap_refuses_text_pair_stores(qa_store):
     with pytest.raises(InvalidInputError, match="single-text"):
         erstore.open(qa_store).tokens(drop_overlap=True)
+
+
+@pytest.mark.slow
+def test_feed_over_object_storage(tiny_bert, corpus, s3_server, s3_url, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    erstore.build(model=str(tiny_bert), layers=(2,), corpus=str(corpus), store=s3_url, dtype="float32",
+                  max_length=64, progress=False, id_field="id")
+    store = erstore.open(s3_url)
+    truth = stored_tokens(store)
+    batches = delivered(store.tokens(batch_size=25, seed=0, drop_overlap=True))
+    seen = rows_of(batches)
+    assert len(seen) == len(set(seen)) and set(seen) < set(truth)  # the long document's overlaps left out
+    for b in batches:
+        for i, sp in enumerate(zip(b.sequences.tolist(), b.positions.tolist())):
+            np.testing.assert_array_equal(b.states[i], truth[sp][0])
