@@ -246,7 +246,7 @@ def commit_scale(sizes: list[int], tmp: Path, d: int = 16, new: int = 1000) -> l
         w.commit()
         committed = time.perf_counter() - t0
         w.close()
-        index_bytes = max(p.stat().st_size for p in (path / "index").glob("*.idx"))
+        index_bytes = max((p for p in (path / "index").glob("*.idx")), key=lambda p: p.stat().st_mtime).stat().st_size
         rows.append({"store_sequences": n, "new_sequences": new, "open_s": round(opened, 3),
                      "final_flush_s": round(flushed, 3), "commit_s": round(committed, 3),
                      "new_index_bytes": index_bytes})

@@ -16,7 +16,9 @@ The single-process build is unchanged; this module passes it a `RankWriter` fact
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import sys
 from typing import Any
 
@@ -108,6 +110,9 @@ def build(config: Any) -> list[Any]:
         dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
+        local = os.environ.get("LOCAL_RANK")
+        if getattr(config, "device", None) == "cuda" and local is not None:
+            config = dataclasses.replace(config, device=f"cuda:{local}")  # one GPU per rank on a node
         writer = functools.partial(RankWriter, rank=rank, world_size=world)
         return _single_process_build(config, writer=writer, shard=(rank, world))
     finally:

@@ -349,21 +349,32 @@ class StoreWriter:
         """Publish everything appended (and adopted) as one new version; None if nothing is new."""
         self._flush(final=True)
         parts = [(self.own_records(), [self.build_id]), *self._adopted]
+        self._journaled_parts = []  # `parts` holds the one copy; at corpus scale each copy is ~44 MB/1M
         merged = KeyIndex.merge(parts)
-        fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]
+        del parts
+        arrays = merged.arrays
+        unseen = self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0
+        fresh = merged.records if unseen.all() else merged.records[unseen]  # no copy in the usual case
+        del merged, unseen  # the sorted look-up arrays are not needed from here on
         if not len(fresh):
             self._cleanup_journals()
             self.closed = True
             self._docs.close()
             return None
         files = {}  # size and checksum of every file this build adds, for verified reads
-        for relpath, raw in ((f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays)),
-                             (f"index/{self.build_id}.docs.json", bytes(self._docs.to_json()))):
-            self.location.write(relpath, raw)
-            files[relpath] = file_record(raw)
-        for a in merged.arrays:
+        raw = encode_index(fresh, arrays)
+        self.location.write(f"index/{self.build_id}.idx", raw)
+        files[f"index/{self.build_id}.idx"] = file_record(raw)
+        del raw
+        # Written after the index (whose encoded bytes are freed by now): the peak is the larger of
+        # the two files, not their sum.
+        raw = bytes(self._docs.to_json())
+        self.location.write(f"index/{self.build_id}.docs.json", raw)
+        files[f"index/{self.build_id}.docs.json"] = file_record(raw)
+        del raw
+        for a in arrays:
             files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
-        added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
+        added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in arrays)
         info = {"libraries": library_versions(), **(build or {})}
         manifest = self._publish(fresh, added_bytes, info, files)
         self._cleanup_journals()

@@ -75,5 +75,8 @@ def test_failed_rank_leaves_no_version_then_two_ranks_commit_one(tiny_bert, big,
     assert len(dist.index.arrays) >= 2  # one array per rank (plus the failed run's adopted ones)
     b = dist.manifest.build
     assert b["ranks"] == 2 and len(b["rank_builds"]) == 2
+    # Input sharding: each rank read and tokenized only its share of the documents.
+    shares = [r["documents"] for r in b["rank_builds"]]
+    assert sum(shares) == single.documents and max(shares) < single.documents
     assert b["computed"] < single.computed  # the failed run's durable rows were adopted, not recomputed
     assert not list(store.glob("journal/*/*.idx"))
