@@ -23,8 +23,8 @@ answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `re
 
 from __future__ import annotations
 
-from consumers.adapters import BottleneckAdapter, add_adapters, add_lora, trainable_state_dict
-from consumers.heads import (
+from .adapters import BottleneckAdapter, add_adapters, add_lora, trainable_state_dict
+from .heads import (
     MLPHead,
     QuestionAnsweringHead,
     SequenceClassificationHead,
@@ -32,14 +32,14 @@ from consumers.heads import (
     load_transformers_head,
     make_head,
 )
-from consumers.cross import CrossModel
-from consumers.recycle import RecycleReport, SaveAndRecycle, recipe_for, save_and_recycle
-from consumers.full import FullModel
-from consumers.lm import LMHead, load_lm_head
-from consumers.reduced import ReducedModel
-from consumers.registry import ENTRY_POINT_GROUP, FAMILIES, register_family, tail_class
-from consumers.tail import Tail, load_tail
-from consumers.train import train
+from .cross import CrossModel
+from .recycle import RecycleReport, SaveAndRecycle, recipe_for, save_and_recycle
+from .full import FullModel
+from .lm import LMHead, load_lm_head
+from .reduced import ReducedModel
+from .registry import ENTRY_POINT_GROUP, FAMILIES, register_family, tail_class
+from .tail import Tail, load_tail
+from .train import train
 
 __all__ = [
     "ENTRY_POINT_GROUP", "FAMILIES", "FullModel", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead",

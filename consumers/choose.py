@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 import erstore
-from consumers.sweep import (
+from .sweep import (
     TASKS,
     Budget,
     Runner,
@@ -59,6 +59,7 @@ from consumers.sweep import (
     trivial_score,
 )
 from erstore.errors import IncompatibleStoreError, InvalidInputError
+from erstore.extras import require
 
 __all__ = ["Budget", "Recommendation", "Report", "Result", "choose_layer", "main", "recommend", "TASKS"]
 
@@ -354,13 +355,8 @@ def plot(report: Report, path: str | Path) -> Path:
     rows = [report.reference, *report.candidates]
     xs = [1.0 if r.speedup is None else r.speedup for r in rows]
     floor = report.reference.metric - report.tolerance
-    try:
-        from matplotlib.figure import (
-            Figure,  # no pyplot: leaves the caller's backend alone
-        )
-    except ImportError as e:
-        raise InvalidInputError("plotting needs matplotlib: pip install 'erstore[consumers]' "
-                                "(or leave out --plot)") from e
+    # No pyplot: leaves the caller's backend alone.
+    Figure = require("matplotlib.figure", extra="consumers", purpose="plotting (--plot)").Figure
 
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.subplots()
@@ -420,6 +416,8 @@ def _cli() -> Any:
              reference: str, adapters: int | None, plot_path: str | None, as_json: bool, **join: Any) -> None:
         """Train a reduced model per stored layer under one budget and recommend a layer to recycle."""
         try:
+            if plot_path:  # fail now, not after training every candidate
+                require("matplotlib", extra="consumers", purpose="--plot")
             budget = Budget(epochs=epochs, min_steps=min_steps, seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
                             max_train=max_train, max_dev=max_dev, batch_size=batch_size, lr=lr,
                             adapter_lr=adapter_lr, threads=threads)
@@ -429,11 +427,11 @@ def _cli() -> Any:
         except (erstore.ErstoreError, ValueError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())  # table first
         if plot_path:
             report.plot(plot_path)
-        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
-        if plot_path and not as_json:
-            click.echo(f"plot: {plot_path}")
+            if not as_json:
+                click.echo(f"plot: {plot_path}")
 
     return main
 

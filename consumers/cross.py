@@ -119,7 +119,7 @@ class CrossModel(nn.Module):
         from erstore.keys import window_key
         from erstore.model import LayerExtractor
 
-        from consumers.reduced import build_params, round_trip
+        from .reduced import build_params, round_trip
 
         recipe = store.recipe
         if self.recipe is not None and recipe.model_fingerprint != self.recipe.model_fingerprint:

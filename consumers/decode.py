@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.metrics import best_span
+from .metrics import best_span
 
 
 def word_logits(window_logits: Sequence[np.ndarray], word_positions: Sequence[Sequence[int]],

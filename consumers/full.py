@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from consumers.data import PadCollate
-from consumers.heads import head_for_tail
-from consumers.reduced import ReducedModel
-from consumers.serving import Serving
+from .data import PadCollate
+from .heads import head_for_tail
+from .reduced import ReducedModel
+from .serving import Serving
 from erstore.errors import IncompatibleStoreError
 
 HEAD_TASK = {"classification": "sequence", "ner": "token", "qa": "qa"}
@@ -99,7 +99,7 @@ class FullModel(nn.Module, Serving):
 
 def load_base(store: Any) -> tuple[nn.Module, bool, nn.Module]:
     """(the store's transformers model, whether it takes token types, a 0-layer tail for the head)."""
-    from consumers.registry import tail_class
+    from .registry import tail_class
     from erstore.model import LayerExtractor
 
     extractor = LayerExtractor(store.recipe.model_name)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.lm import LMHead
+from .lm import LMHead
 from erstore.errors import IncompatibleStoreError, InvalidInputError
 
 STYLES = ("bert", "roberta", "distilbert", "deberta", "mean", "last")
@@ -179,7 +179,7 @@ def head_for_tail(kind: str, tail: Any, num_labels: int = 2, **options: Any) -> 
     if kind == "causal-lm":
         if tail.recipe is None:
             raise InvalidInputError("a causal-lm head needs a tail loaded from a store (load_tail)")
-        from consumers.lm import load_lm_head
+        from .lm import load_lm_head
 
         return load_lm_head(tail.recipe, model=options.get("model"))
     if kind == "sequence":

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from consumers.train import make_optimizer, step
+from .train import make_optimizer, step
 from erstore.errors import InvalidInputError, StoreNotFoundError
 from erstore.manifest import Recipe
 
@@ -184,7 +184,7 @@ class SaveAndRecycle:
         from erstore.torchdata import Collate
         from erstore.writer import StoreWriter
 
-        from consumers.reduced import build_params
+        from .reduced import build_params
 
         t0, first = time.perf_counter(), len(report.losses)
         store = self.open()

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from consumers.adapters import add_adapters, add_lora, trainable_state_dict
-from consumers.heads import HEADS, head_for_tail
-from consumers.lm import causal_labels
-from consumers.serving import Serving
-from consumers.tail import Tail, load_tail
+from .adapters import add_adapters, add_lora, trainable_state_dict
+from .heads import HEADS, head_for_tail
+from .lm import causal_labels
+from .serving import Serving
+from .tail import Tail, load_tail
 from erstore.errors import IncompatibleStoreError
 from erstore.manifest import Recipe
 
@@ -252,7 +252,7 @@ class ReducedModel(nn.Module, Serving):
     def window_logits(self, windows: list[list[tuple[list[int], int]]], *, store: Any,
                       write_back: bool = False, batch_size: int = 32) -> list[list[np.ndarray]]:
         """Per text, per window: logits ([num_labels], [n_tokens, num_labels] or [n_tokens, 2])."""
-        from consumers.data import PadCollate
+        from .data import PadCollate
 
         per_text = self.states_for_windows(windows, store=store, write_back=write_back)
         flat = [s for ws in per_text for s in ws]

@@ -19,27 +19,30 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from consumers.base import Tail
+from .base import Tail
 from erstore.errors import IncompatibleStoreError, InvalidInputError
+
+#: The package's import name: `consumers` inside the repository, `erstore_consumers` installed.
+_PKG = __package__ or "consumers"
 
 #: Entry-point group scanned for families that other installed packages provide.
 ENTRY_POINT_GROUP = "erstore.families"
 
 FAMILIES: dict[str, str | type[Tail]] = {
-    "bert": "consumers.models.bert:BertTail",
-    "roberta": "consumers.models.roberta:RobertaTail",
-    "distilbert": "consumers.models.distilbert:DistilBertTail",
-    "deberta-v2": "consumers.models.deberta_v2:DebertaV2Tail",
-    "mpnet": "consumers.models.mpnet:MPNetTail",
-    "t5": "consumers.models.t5:T5Tail",
-    "gpt2": "consumers.models.gpt2:GPT2Tail",
-    "llama": "consumers.models.llama:LlamaTail",
-    "mistral": "consumers.models.mistral:MistralTail",
-    "qwen2": "consumers.models.qwen2:Qwen2Tail",
-    "qwen3": "consumers.models.qwen3:Qwen3Tail",
-    "gemma2": "consumers.models.gemma2:Gemma2Tail",
-    "gemma3_text": "consumers.models.gemma3:Gemma3Tail",
-    "phi3": "consumers.models.phi3:Phi3Tail",
+    "bert": f"{_PKG}.models.bert:BertTail",
+    "roberta": f"{_PKG}.models.roberta:RobertaTail",
+    "distilbert": f"{_PKG}.models.distilbert:DistilBertTail",
+    "deberta-v2": f"{_PKG}.models.deberta_v2:DebertaV2Tail",
+    "mpnet": f"{_PKG}.models.mpnet:MPNetTail",
+    "t5": f"{_PKG}.models.t5:T5Tail",
+    "gpt2": f"{_PKG}.models.gpt2:GPT2Tail",
+    "llama": f"{_PKG}.models.llama:LlamaTail",
+    "mistral": f"{_PKG}.models.mistral:MistralTail",
+    "qwen2": f"{_PKG}.models.qwen2:Qwen2Tail",
+    "qwen3": f"{_PKG}.models.qwen3:Qwen3Tail",
+    "gemma2": f"{_PKG}.models.gemma2:Gemma2Tail",
+    "gemma3_text": f"{_PKG}.models.gemma3:Gemma3Tail",
+    "phi3": f"{_PKG}.models.phi3:Phi3Tail",
 }
 
 HOW_TO_ADD = (

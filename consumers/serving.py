@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.decode import best_answer, word_logits, word_tags
+from .decode import best_answer, word_logits, word_tags
 
 
 class Serving:

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 import erstore
-from consumers.adapters import add_adapters
-from consumers.data import PadCollate
-from consumers.decode import best_answer, word_logits, word_tags
-from consumers.full import HEAD_TASK, FullModel, IdCollate, load_base
-from consumers.heads import head_for_tail
-from consumers.metrics import entity_f1, squad_scores, word_f1
-from consumers.reduced import ReducedModel
-from consumers.tail import load_tail
-from consumers.train import label_values, make_optimizer, run_epochs, store_batches
+from .adapters import add_adapters
+from .data import PadCollate
+from .decode import best_answer, word_logits, word_tags
+from .full import HEAD_TASK, FullModel, IdCollate, load_base
+from .heads import head_for_tail
+from .metrics import entity_f1, squad_scores, word_f1
+from .reduced import ReducedModel
+from .tail import load_tail
+from .train import label_values, make_optimizer, run_epochs, store_batches
 from erstore.errors import InvalidInputError, KeyNotFoundError
 from erstore.labels import (
     Examples,

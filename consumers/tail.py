@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from consumers.base import Container, Tail, keep_layers
-from consumers.registry import tail_class
+from .base import Container, Tail, keep_layers
+from .registry import tail_class
 from erstore.errors import IncompatibleStoreError
 from erstore.manifest import Recipe
 

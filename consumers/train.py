@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from consumers.data import loader
+from .data import loader
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -66,7 +66,7 @@ def store_batches(model: torch.nn.Module, store: Any, keys: Sequence[str], label
                   batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> Iterable[dict[str, Any]]:
     """Batches for `model` from a store: token ids for a full model, layer-k states otherwise."""
     if getattr(model, "needs_token_ids", False):
-        from consumers.full import token_batches
+        from .full import token_batches
 
         return token_batches(store, keys, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
     return loader(store, keys, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)

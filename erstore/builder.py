@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,15 @@ class BuildResult:
     resumed: int
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Machine-readable form (`erstore build --json`): counts, timings, and the new version."""
+        v = self.version
+        return {"store": self.store, "layer": self.layer, "documents": self.documents, "windows": self.windows,
+                "computed": self.computed, "resumed": self.resumed, "seconds": round(self.seconds, 3),
+                "phases": dict(self.phases),
+                "version": None if v is None else {"version": v.version, "added": asdict(v.added),
+                                                   "totals": asdict(v.totals)}}
 
     def summary(self) -> str:
         v = self.version

@@ -76,7 +76,41 @@ def _print(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 
-@click.group()
+#: Entry-point group of commands that other packages add (`erstore choose` comes from
+#: erstore_consumers): erstore itself never imports them until one is run.
+COMMANDS_GROUP = "erstore.commands"
+
+
+class _Commands(click.Group):
+    """erstore's own commands plus those declared in the `erstore.commands` entry points."""
+
+    def _plugins(self) -> dict[str, Any]:
+        from importlib.metadata import entry_points
+
+        return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP) if ep.name not in self.commands}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.commands, *self._plugins()])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        ep = self._plugins().get(name)
+        if ep is None:
+            return None
+        try:
+            command = ep.load()
+        except ImportError as e:
+            raise click.ClickException(
+                f"`erstore {name}` needs {ep.value.split(':')[0]}, which cannot be imported ({e}); "
+                "install it with: pip install 'erstore[consumers]'"
+            ) from e
+        return click.Command(name, callback=command.callback, params=command.params, help=command.help,
+                             short_help=(command.help or "").split("\n")[0])
+
+
+@click.group(cls=_Commands, epilog="Distributed builds: torchrun --nproc-per-node N -m erstore.distributed "
+             "BUILD-OPTIONS (the options of `erstore build`; see docs/sharing.md).")
 @click.version_option(package_name="erstore")
 def main() -> None:
     """Store transformer hidden states once; train and serve reduced models on them."""
@@ -115,6 +149,7 @@ def main() -> None:
               help="Tokens of new windows held for length batching; bounds build memory [default: 1048576].")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
 @click.option("--region", default=None, help="S3 region [default: $AWS_REGION or us-east-1].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per store instead of a summary.")
 @_errors
 @click.pass_context
 def build(ctx: click.Context, **opts: Any) -> None:
@@ -144,8 +179,12 @@ def build(ctx: click.Context, **opts: Any) -> None:
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
         **({"buffer_tokens": opts["buffer_tokens"]} if opts["buffer_tokens"] else {}),
     )
-    for result in run(config):
-        click.echo(result.summary())
+    results = run(config)
+    if opts["as_json"]:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2, sort_keys=True))
+    else:
+        for result in results:
+            click.echo(result.summary())
 
 
 @main.command()
@@ -225,14 +264,16 @@ def verify(path: str, version: str | None, as_json: bool, endpoint: str | None, 
 @click.argument("version")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Move an existing tag.")
+@click.option("--json", "as_json", is_flag=True)
 @_remote_options
 @_errors
-def tag(path: str, version: str, name: str, force: bool, endpoint: str | None, region: str | None) -> None:
+def tag(path: str, version: str, name: str, force: bool, as_json: bool, endpoint: str | None,
+        region: str | None) -> None:
     """Name VERSION of a store NAME; open it later with --version NAME / erstore.open(version=NAME)."""
     from erstore.manage import tag as run
 
     number = run(path, _version(version), name, force=force, **_remote(endpoint, region))
-    click.echo(f"tagged version {number} of {path} as {name!r}")
+    _print({"store": path, "tag": name, "version": number}, as_json, f"tagged version {number} of {path} as {name!r}")
 
 
 @main.command()
@@ -265,9 +306,10 @@ def diff(path: str, a: str, b: str, show_keys: bool, as_json: bool, endpoint: st
 @click.option("--region", default=None, help="S3 region for both stores [default: $AWS_REGION].")
 @click.option("--src-endpoint", default=None, help="S3 endpoint of SRC only.")
 @click.option("--dst-endpoint", default=None, help="S3 endpoint of DST only.")
+@click.option("--json", "as_json", is_flag=True)
 @_errors
 def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoint: str | None,
-         region: str | None, src_endpoint: str | None, dst_endpoint: str | None) -> None:
+         region: str | None, src_endpoint: str | None, dst_endpoint: str | None, as_json: bool) -> None:
     """Copy a version (or a key subset) of SRC into DST as one new version, keeping keys and recipe."""
     from pathlib import Path
 
@@ -277,11 +319,14 @@ def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoin
     manifest = run(src, dst, version=_version(version), keys=keys,
                    src_options=_remote(src_endpoint or endpoint, region),
                    dst_options=_remote(dst_endpoint or endpoint, region))
+    data = {"store": dst, "version": None if manifest is None else manifest.version,
+            "added_sequences": 0 if manifest is None else manifest.added.sequences,
+            "added_tokens": 0 if manifest is None else manifest.added.tokens}
     if manifest is None:
-        click.echo(f"{dst} already holds every requested sequence; no version committed")
+        _print(data, as_json, f"{dst} already holds every requested sequence; no version committed")
     else:
-        click.echo(f"copied {manifest.added.sequences} sequences ({manifest.added.tokens} tokens) to {dst} "
-                   f"as version {manifest.version}")
+        _print(data, as_json, f"copied {manifest.added.sequences} sequences ({manifest.added.tokens} tokens) "
+                              f"to {dst} as version {manifest.version}")
 
 
 @main.command(name="export")

@@ -123,3 +123,30 @@ def test_text_corpus_one_document_per_line(tiny_bert, tmp_path):
     assert result.exit_code == 0, result.output
     with erstore.open(tmp_path / "s") as store:
         assert len(store) == 3 and store.windows("1") == [store.key_for(SENTENCES[1])]
+
+
+def test_build_tag_and_copy_print_json(tiny_bert, corpus, built, tmp_path):
+    more = write_jsonl(tmp_path / "more.jsonl", [{"text": "A sentence that the first build did not see."}])
+    out = cli("build", "--model", tiny_bert, "--corpus", more, "--store", built, "--layer", 2,
+              "--max-length", 64, "--quiet", "--json")
+    assert out.exit_code == 0, out.output
+    [result] = json.loads(out.output)
+    assert result["layer"] == 2 and result["computed"] == 1 and result["version"]["version"] == 2
+    assert result["version"]["added"]["sequences"] == 1 and result["documents"] == 1
+    again = json.loads(cli("build", "--model", tiny_bert, "--corpus", more, "--store", built, "--layer", 2,
+                           "--max-length", 64, "--quiet", "--json").output)
+    assert again[0]["version"] is None and again[0]["computed"] == 0  # nothing new
+    tagged = json.loads(cli("tag", built, 1, "first", "--json").output)
+    assert tagged == {"store": str(built), "tag": "first", "version": 1}
+    copied = json.loads(cli("copy", built, tmp_path / "copy", "--version", "first", "--json").output)
+    assert copied["version"] == 1 and copied["added_sequences"] == json.loads(
+        cli("info", built, "--version", 1, "--json").output)["sequences"]
+
+
+def test_help_lists_every_command_and_the_distributed_build():
+    text = cli("--help").output
+    for name in ("build", "info", "versions", "verify", "tag", "diff", "copy", "export", "gc", "ls", "cost",
+                 "choose"):
+        assert f"  {name} " in text, name
+    assert "-m erstore.distributed" in text
+    assert cli("choose", "--help").exit_code == 0  # the entry point resolves (erstore_consumers)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.base import Container, Tail, keep_layers
+from ..base import Container, Tail, keep_layers
 
 
 class BertTail(Tail):

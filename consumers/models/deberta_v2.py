@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.base import Tail, keep_layers
+from ..base import Tail, keep_layers
 
 
 class DebertaV2Tail(Tail):

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from consumers.base import Tail, keep_layers
+from ..base import Tail, keep_layers
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

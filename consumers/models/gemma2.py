@@ -7,7 +7,7 @@ See consumers.models.decoder.
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class Gemma2Tail(DecoderTail):

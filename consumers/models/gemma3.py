@@ -5,7 +5,7 @@ Bidirectional-attention Gemma 3 configs (embedding models) are refused.
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class Gemma3Tail(DecoderTail):

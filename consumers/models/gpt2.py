@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.base import Tail
-from consumers.models.decoder import positions, take_layers
+from ..base import Tail
+from .decoder import positions, take_layers
 
 
 class GPT2Tail(Tail):

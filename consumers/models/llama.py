@@ -7,7 +7,7 @@ Llama shape (`layers`, `norm`, `rotary_emb`).
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class LlamaTail(DecoderTail):

@@ -6,7 +6,7 @@ see consumers.models.decoder.
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class MistralTail(DecoderTail):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.base import Tail, keep_layers
+from ..base import Tail, keep_layers
 
 
 class MPNetTail(Tail):

@@ -4,7 +4,7 @@ sliding window for all layers; see consumers.models.decoder.
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class Phi3Tail(DecoderTail):

@@ -5,7 +5,7 @@ consumers.models.decoder.
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class Qwen2Tail(DecoderTail):

@@ -4,7 +4,7 @@ consumers.models.decoder.
 
 from __future__ import annotations
 
-from consumers.models.decoder import DecoderTail
+from .decoder import DecoderTail
 
 
 class Qwen3Tail(DecoderTail):

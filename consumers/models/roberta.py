@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from consumers.models.bert import BertTail
+from .bert import BertTail
 
 
 class RobertaTail(BertTail):

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from consumers.base import Tail, keep_layers
-from consumers.tail import load_tail
+from ..base import Tail, keep_layers
+from ..tail import load_tail
 from erstore.errors import IncompatibleStoreError
 
 
