@@ -382,8 +382,24 @@ class StoreWriter:
         self._docs.close()
         return manifest
 
+    def _recorded_files(self) -> dict[str, dict[str, Any]]:
+        """Size and checksum of this build's index files as written, and of every array they use."""
+        files = {}
+        for relpath in (f"index/{self.build_id}.idx", f"index/{self.build_id}.docs.json"):
+            raw = self.location.read(relpath)
+            if raw is not None:
+                files[relpath] = file_record(raw)
+        raw = self.location.read(f"index/{self.build_id}.idx")
+        for a in decode_index(raw, f"{self.location.url}/index/{self.build_id}.idx")[1] if raw else ():
+            files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
+        return files
+
     def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any],
-                 files: dict[str, dict[str, Any]]) -> VersionManifest:
+                 files: dict[str, dict[str, Any]] | None = None) -> VersionManifest:
+        """Commit the written index as the next version. `files`: what the manifest records of
+        this build's files (read back from the store when not given, as distributed builds do)."""
+        if files is None:
+            files = self._recorded_files()
         base, index = self._base, self.committed
         for _ in range(COMMIT_ATTEMPTS):
             new = fresh[index.find_halves(fresh["hi"], fresh["lo"]) < 0] if base is not self._base else fresh
