@@ -150,7 +150,7 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
     inference: dict = {}
     if inference_too:
         with torch.inference_mode():
-            full_ms = per_batch(lambda i: full(input_ids=ids[i], attention_mask=mask), nb)
+            full_ms = per_batch(lambda i, full=full: full(input_ids=ids[i], attention_mask=mask), nb)
         tail = load_tail(full_store).eval()
         inference["full_ms"] = round(full_ms, 1)
     for dtype, store in (stores if inference_too else {}).items():
@@ -210,7 +210,7 @@ def bench_model(name: str, model: str, layer: int, nb: int, epochs: int, work: P
         net = Full(LayerExtractor(model).model, frozen).train()
         opt = make_optimizer(net, lr=2e-5)
         training[f"{setting}_ms"] = round(per_batch(
-            lambda i: step(net, opt, {"input_ids": ids[i], "attention_mask": mask, "labels": label_batches[i]}), nb), 1)
+            lambda i, net=net, opt=opt: step(net, opt, {"input_ids": ids[i], "attention_mask": mask, "labels": label_batches[i]}), nb), 1)
         del net, opt
     fp16 = erstore.open(str(root / "f16"))
     reduced = ReducedModel.for_store(fp16, task="sequence", num_labels=4).train()

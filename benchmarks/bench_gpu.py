@@ -164,11 +164,11 @@ def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any],
 
             with loader() as only:
                 it = endless(only)
-                load_ms = per_batch_ms(lambda i: next(it), batches)
+                load_ms = per_batch_ms(lambda i, it=it: next(it), batches)
             with loader() as both:
                 it = endless(both)
 
-                def recycle(i: int) -> None:
+                def recycle(i: int, it: Any = it) -> None:
                     batch = next(it)
                     tail(batch["hidden_states"], batch["attention_mask"])
 

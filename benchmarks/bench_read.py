@@ -259,7 +259,7 @@ def main() -> None:
                            bucket_by_length=bucket, **device) as loader:
             t = time.perf_counter()
             last = None
-            for last in loader:
+            for last in loader:  # noqa: B007 (the last batch is used after the loop)
                 pass
             if last is not None and last["hidden_states"].is_cuda:
                 torch.cuda.synchronize()

@@ -271,7 +271,7 @@ def resolve_stores(sources: str | Path | erstore.Store | Iterable[Any]) -> list[
     return stores
 
 
-def choose_layer(stores: Any, *, task: str, train: Any, dev: Any, budget: Budget = Budget(),
+def choose_layer(stores: Any, *, task: str, train: Any, dev: Any, budget: Budget = Budget(),  # noqa: B008 (frozen)
                  tolerance: float = 0.5, reference: str = "auto", adapters: int | None = None,
                  o_label: int | None = None, progress: Callable[[str], None] | None = None,
                  **join: Any) -> Report:

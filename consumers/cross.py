@@ -133,7 +133,7 @@ class CrossModel(nn.Module):
             keys = [window_key(ids, b) for ids, b in ws]
             hits = {e.key: e.states for e in store.read([k for k in keys if k in store])}
             row = []
-            for (ids, b), key in zip(ws, keys):
+            for (ids, _b), key in zip(ws, keys):
                 if key not in hits:
                     if self._extractor is None:
                         self._extractor = LayerExtractor(recipe.model_name)

@@ -286,7 +286,7 @@ def qa_examples(store: Store, data: Rows, *, question_field: str = "question", c
         parsed.append((question, context, start_char, start_char + len(answer)))
     windows = windower.detailed_windows([p[0] for p in parsed], [p[1] for p in parsed]) if parsed else []
     items = []
-    for n, ((question, context, a, b), row_windows) in enumerate(zip(parsed, windows)):
+    for n, ((_question, context, a, b), row_windows) in enumerate(zip(parsed, windows)):
         labels = [_answer_positions(w, a, b) for w in row_windows]
         if all(lab["start_positions"] == 0 for lab in labels):
             raise InvalidInputError(

@@ -187,7 +187,7 @@ def main() -> None:
 
     print("\n| task | metric | reduced (recycled, layers 3..5) | full fine-tune | train time reduced | train time full | speedup |")
     print("|---|---|---|---|---|---|---|")
-    for task, steps, r_s, f_s, r_eval, f_eval in rows:
+    for task, _steps, r_s, f_s, r_eval, f_eval in rows:
         metric = "token-level tag F1 (token acc)" if task == "ner" else "window accuracy"
         fmt = (lambda e: f"{e['tag_f1']:.3f} ({e['accuracy']:.3f})") if task == "ner" else (lambda e: f"{e['accuracy']:.3f}")
         print(f"| {task} | {metric} | {fmt(r_eval)} | {fmt(f_eval)} | {r_s:.1f} s | {f_s:.1f} s | {f_s / r_s:.2f}x |")

@@ -125,7 +125,7 @@ def save_tiny_decoder(folder: Path, family: str, *, seed: int = 0, **overrides) 
 
 
 # -- stores of every decoder family (session-scoped: built once) --------------------------------
-import pytest
+import pytest  # noqa: E402
 
 LAYERS = (0, 2, 4)  # of 4: embeddings, the middle, the final (normalised) output
 
