@@ -24,7 +24,6 @@ feed is already batched and prefetching; iterate it directly in each rank).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -379,14 +378,8 @@ def continuation_windows(store: Store) -> np.ndarray:
     if (store.index.records["boundary"] > 0).any():
         raise InvalidInputError("drop_overlap needs a single-text store; text-pair windows repeat their "
                                 "first text whole (use drop_first, or key subsets)")
-    names = [f"index/{n}.docs.json" for n in store.manifest.indexes]
-    later: list[str] = []
-    for name, raw in zip(names, store.location.read_many(names)):
-        try:
-            docs = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise CorruptStoreError(f"{store.location.url}/{name} is not valid JSON: {e}") from e
-        later += [k for keys in docs.values() for k in keys[1:]]
+    # The document maps, size-capped and checked against the manifest like every metadata read.
+    later = [k for keys in store.documents().values() for k in keys[1:]]
     found = store.index.find(later)
     return np.unique(found[found >= 0])
 
