@@ -115,7 +115,8 @@ def symlinks_out(root: str | os.PathLike[str], folder: str = "") -> list[str]:
     stack = [os.path.join(base, folder)] if folder else [base]
     while stack:
         try:
-            entries = list(os.scandir(stack.pop()))
+            with os.scandir(stack.pop()) as it:
+                entries = list(it)
         except FileNotFoundError:
             continue
         for entry in entries:

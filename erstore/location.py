@@ -274,7 +274,7 @@ class Location:
             raise StorePermissionError(f"cannot write to store path {root} ({existing} is not writable); "
                                        "choose a writable --store")
         if existing == root and not (root / "erstore.json").exists() and any(
-                not (e.name.startswith(".probe-") or e.name.endswith(".__lock")) for e in os.scandir(root)):
+                not (name.startswith(".probe-") or name.endswith(".__lock")) for name in os.listdir(root)):
             raise StoreNotFoundError(f"{root} exists, is not empty and is not an erstore store (no erstore.json); "
                                      "choose an empty or new --store path")
 
