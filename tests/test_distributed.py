@@ -44,7 +44,9 @@ def options(model, corpus, store):
 @pytest.fixture
 def big(tmp_path) -> Path:
     rows = [{"id": f"d{i}-{j}", "text": f"{s} Variant {j}."} for j in range(3) for i, s in enumerate(SENTENCES)]
-    rows.append({"id": "long", "text": " ".join(SENTENCES * 6)})
+    # First: ranks read byte ranges of one JSONL file, and a line belongs to the range it starts in;
+    # last, this one line (most of the file's bytes) would put every line start in rank 0's range.
+    rows.insert(0, {"id": "long", "text": " ".join(SENTENCES * 6)})
     return write_jsonl(tmp_path / "big.jsonl", rows)
 
 
