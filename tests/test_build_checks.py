@@ -132,8 +132,10 @@ def test_ctrl_c_during_start_up_exits_with_one_line(tiny_bert, corpus, tmp_path)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-        if proc.returncode == 0:
-            continue  # finished before the signal on a fast machine: nothing to check
+        if proc.returncode == 0 or (proc.returncode == -signal.SIGINT and list(store.glob("versions/*.json"))):
+            # Finished before the signal on a fast machine, or was already exiting (the interpreter
+            # restores the default SIGINT action at shutdown): nothing to check.
+            continue
         assert proc.returncode == 130, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "interrupted" in err

@@ -114,8 +114,10 @@ def test_kill_mid_compute_after_a_timed_journal_resumes_part_and_computes_the_re
     """Journals by time, not only by bytes: a build killed after its first timed flush loses
     only the work since, and the resumed build equals an uninterrupted one bit for bit."""
     store = tmp_path / "s"
-    big = big_corpus(tmp_path / "big.jsonl", n=1200)
-    rc = start_and_interrupt(wide_bert, big, store, signal.SIGKILL, script=TIMED_SCRIPT, journals=2)
+    # Killed at the first timed journal, of a corpus large enough that compute is still running
+    # then on a quiet machine too (with 1,200 documents and 2 journals it had sometimes finished).
+    big = big_corpus(tmp_path / "big.jsonl", n=4000)
+    rc = start_and_interrupt(wide_bert, big, store, signal.SIGKILL, script=TIMED_SCRIPT, journals=1)
     assert rc != 0
     assert not list(store.glob("versions/*.json"))  # nothing committed by the killed build
     durable = sum(len(decode_index(p.read_bytes(), str(p))[0]) for p in (store / "journal").rglob("*.idx"))
