@@ -314,12 +314,22 @@ def codec_stores(tiny_bert, tmp_path_factory):
     return stores
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["host-layout", "device-layout-on-cpu"])
+@pytest.mark.parametrize("layout", ["host", "host-per-item", "device-on-cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("codec", ["float16", "shuffle", "int8", "int4:group=16", "entropy:pca=1"])
-def test_loader_batches_equal_collate_of_items(codec_stores, codec, dtype, on_device):
-    # The Loader lays batches out with vectorised gathers; Collate pads items one by one. Same
-    # bits for every codec but int4's rotation (a BLAS product over differently grouped rows).
+def test_loader_batches_equal_collate_of_items(codec_stores, codec, dtype, layout, monkeypatch):
+    # The Loader lays batches out with vectorised gathers (or, for wide mostly-padded runs, item
+    # by item); Collate pads items one by one. Same bits for every codec but int4's rotation (a
+    # BLAS product over differently grouped rows).
+    from erstore.torchdata import assemble
+
+    on_device = layout == "device-on-cpu"
+    if layout == "host-per-item":  # the tiny model is narrow: force the per-item path
+        monkeypatch.setattr(assemble, "PER_ITEM_MIN_D", 1)
+        monkeypatch.setattr(assemble, "PER_ITEM_PAD_FRACTION", 0.0)
+        calls = []
+        real = assemble.Group._per_item
+        monkeypatch.setattr(assemble.Group, "_per_item", lambda self, *a: calls.append(1) or real(self, *a))
     store = erstore.open(codec_stores[codec])
     keys = list(store)
     assert len(store.index.arrays) == 2
@@ -344,6 +354,8 @@ def test_loader_batches_equal_collate_of_items(codec_stores, codec, dtype, on_de
         else:
             assert torch.equal(batch["hidden_states"], want["hidden_states"])
         assert (batch["tags"][batch["attention_mask"] == 0] == -100).all()
+    if layout == "host-per-item" and assemble.row_independent(store.codec):
+        assert calls  # the per-item path really ran
 
 
 @pytest.mark.parametrize("fraction", [0.0, 2.0], ids=["padded-copy", "real-rows-copy"])
