@@ -12,15 +12,11 @@ writer checks the full recipe when it opens the store).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from erstore.errors import (
     IncompatibleStoreError,
     InvalidInputError,
-    StoreNotFoundError,
-    StorePermissionError,
 )
 from erstore.location import Location
 from erstore.manifest import STORE_FILE, Recipe, StoreMeta
@@ -99,11 +95,7 @@ def check_store(url: str, partial: dict[str, Any], **options: Any) -> None:
     whose recipe differs in any of them is refused now, not after a corpus pass.
     """
     location = Location.open(url, **options)
-    preflight = getattr(location, "preflight", None)  # wt14's richer check, where present
-    if preflight is not None:
-        preflight(write=True)
-    else:
-        _check_writable(location)
+    location.preflight(write=True)
     raw = location.read(STORE_FILE)
     if raw is None:
         return
@@ -116,32 +108,3 @@ def check_store(url: str, partial: dict[str, Any], **options: Any) -> None:
             "Build into a different --store, or use the store's settings"
         )
 
-
-def _check_writable(location: Location) -> None:
-    """Like `Location.check_writable`, but a local store that does not exist yet is not created."""
-    if location.read_only:
-        raise StorePermissionError(f"{location.url} is served over HTTP and is read-only")
-    if location.spec["driver"] == "s3":
-        location.check_conditional_writes()  # removes its probe object whatever happens
-        return
-    if not location.is_local:
-        return
-    root = Path(location.spec["path"])
-    if root.exists():
-        if not root.is_dir():
-            raise StorePermissionError(f"cannot write to store path {root}: it is a file; choose a folder")
-        if any(True for _ in root.iterdir()) and not (root / STORE_FILE).exists():
-            raise StoreNotFoundError(
-                f"{root} exists, is not empty and is not an erstore store (no {STORE_FILE}); "
-                "choose an empty or new --store path"
-            )
-        target = root
-    else:
-        target = root.parent
-        while not target.exists():
-            target = target.parent
-        if not target.is_dir():
-            raise StorePermissionError(f"cannot write to store path {root}: {target} is a file; choose a writable --store")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise StorePermissionError(f"cannot write to store path {root}: {target} is not writable; "
-                                   "choose a writable --store")
