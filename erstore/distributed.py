@@ -26,8 +26,7 @@ import numpy as np
 
 from erstore.builder import build as _single_process_build
 from erstore.index import KeyIndex
-from erstore.manifest import RECORD_DTYPE, VersionManifest, encode_index
-from erstore.validate import array_file_records, file_record
+from erstore.manifest import RECORD_DTYPE, VersionManifest
 from erstore.writer import StoreWriter
 
 
@@ -79,14 +78,7 @@ class RankWriter(StoreWriter):
         # Each rank's map is a JSON object of its documents; their members concatenate.
         members = [g["docs"].strip()[1:-1].strip() for g in gathered]
         docs = b"{" + b", ".join(m for m in members if m) + b"}"
-        files = {}  # size and checksum of every file this version adds, for verified reads
-        for relpath, raw in ((f"index/{self.build_id}.idx", encode_index(fresh, merged.arrays)),
-                             (f"index/{self.build_id}.docs.json", docs)):
-            self.location.write(relpath, raw)
-            files[relpath] = file_record(raw)
-        for a in merged.arrays:
-            files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
-        added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in merged.arrays)
+        files, added_bytes = self._write_index_files(fresh, merged.arrays, lambda: docs)
         builds = [g["build"] for g in gathered]
         info = {**builds[0], "ranks": len(builds)}
         for name in ("computed", "computed_tokens"):

@@ -25,6 +25,7 @@ import datetime as dt
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -360,20 +361,7 @@ class StoreWriter:
             self.closed = True
             self._docs.close()
             return None
-        files = {}  # size and checksum of every file this build adds, for verified reads
-        raw = encode_index(fresh, arrays)
-        self.location.write(f"index/{self.build_id}.idx", raw)
-        files[f"index/{self.build_id}.idx"] = file_record(raw)
-        del raw
-        # Written after the index (whose encoded bytes are freed by now): the peak is the larger of
-        # the two files, not their sum.
-        raw = bytes(self._docs.to_json())
-        self.location.write(f"index/{self.build_id}.docs.json", raw)
-        files[f"index/{self.build_id}.docs.json"] = file_record(raw)
-        del raw
-        for a in arrays:
-            files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
-        added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in arrays)
+        files, added_bytes = self._write_index_files(fresh, arrays, lambda: bytes(self._docs.to_json()))
         info = {"libraries": library_versions(), **(build or {})}
         manifest = self._publish(fresh, added_bytes, info, files)
         self._cleanup_journals()
@@ -381,24 +369,28 @@ class StoreWriter:
         self._docs.close()
         return manifest
 
-    def _recorded_files(self) -> dict[str, dict[str, Any]]:
-        """Size and checksum of this build's index files as written, and of every array they use."""
+    def _write_index_files(self, fresh: np.ndarray, arrays: list[str],
+                           docs: Callable[[], bytes]) -> tuple[dict[str, dict[str, Any]], int]:
+        """Write this version's index and document map; return what its manifest records of
+        them and of every array they use (size and checksum, for verified reads), and the
+        arrays' bytes. The document map is made only after the encoded index is written and
+        freed: the peak is the larger of the two files, not their sum."""
         files = {}
-        for relpath in (f"index/{self.build_id}.idx", f"index/{self.build_id}.docs.json"):
-            raw = self.location.read(relpath)
-            if raw is not None:
-                files[relpath] = file_record(raw)
-        raw = self.location.read(f"index/{self.build_id}.idx")
-        for a in decode_index(raw, f"{self.location.url}/index/{self.build_id}.idx")[1] if raw else ():
+        raw = encode_index(fresh, arrays)
+        self.location.write(f"index/{self.build_id}.idx", raw)
+        files[f"index/{self.build_id}.idx"] = file_record(raw)
+        del raw
+        raw = docs()
+        self.location.write(f"index/{self.build_id}.docs.json", raw)
+        files[f"index/{self.build_id}.docs.json"] = file_record(raw)
+        del raw
+        for a in arrays:
             files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
-        return files
+        return files, sum(self.location.size_of_prefix(f"arrays/{a}/") for a in arrays)
 
     def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any],
-                 files: dict[str, dict[str, Any]] | None = None) -> VersionManifest:
-        """Commit the written index as the next version. `files`: what the manifest records of
-        this build's files (read back from the store when not given, as distributed builds do)."""
-        if files is None:
-            files = self._recorded_files()
+                 files: dict[str, dict[str, Any]]) -> VersionManifest:
+        """Commit the written index as the next version; `files` as `_write_index_files` returns."""
         base, index = self._base, self.committed
         for _ in range(COMMIT_ATTEMPTS):
             new = fresh[index.find_halves(fresh["hi"], fresh["lo"]) < 0] if base is not self._base else fresh
