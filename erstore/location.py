@@ -273,8 +273,7 @@ class Location:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StorePermissionError(f"cannot write to store path {root} ({existing} is not writable); "
                                        "choose a writable --store")
-        if existing == root and not (root / "erstore.json").exists() and any(
-                not (name.startswith(".probe-") or name.endswith(".__lock")) for name in os.listdir(root)):
+        if existing == root and not (root / "erstore.json").exists() and holds_other_files(root):
             raise StoreNotFoundError(f"{root} exists, is not empty and is not an erstore store (no erstore.json); "
                                      "choose an empty or new --store path")
 
@@ -337,6 +336,12 @@ class Location:
                 return sizes
         keys = self.list(prefix)
         return sum(len(v or b"") for v in self.read_many(keys))
+
+
+def holds_other_files(folder: str | os.PathLike[str]) -> bool:
+    """True if a local folder holds anything but what a writer creating a store there right now
+    may have put: its probe file, or TensorStore's lock file of a half-written erstore.json."""
+    return any(not (name.startswith(".probe-") or name.endswith(".__lock")) for name in os.listdir(folder))
 
 
 def _s3_sizes(spec: dict[str, Any], prefix: str) -> int | None:

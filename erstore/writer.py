@@ -39,7 +39,7 @@ from erstore.index import KeyIndex
 from erstore.integrity import seal
 from erstore.keys import split_key
 from erstore.keyset import KeySet, halves
-from erstore.location import Location
+from erstore.location import Location, holds_other_files
 from erstore.manifest import (
     RECORD_DTYPE,
     STORE_FILE,
@@ -102,13 +102,6 @@ def _array_meta_like(states_meta: dict[str, Any], chunk_rows: int) -> dict[str, 
             "codecs": [c for c in states_meta["codecs"] if c["name"] != "transpose"]}
 
 
-def _non_empty(folder: str) -> bool:
-    # Another writer creating the same store at this moment may have its probe file or
-    # TensorStore's lock file of a half-written erstore.json here.
-    with os.scandir(folder) as entries:
-        return any(not (e.name.startswith(".probe-") or e.name.endswith(".__lock")) for e in entries)
-
-
 def ensure_store(location: Location, recipe: Recipe) -> tuple[StoreMeta, bool]:
     """Create the store if absent; otherwise check that `recipe` matches the stored one.
 
@@ -116,7 +109,7 @@ def ensure_store(location: Location, recipe: Recipe) -> tuple[StoreMeta, bool]:
     location.check_writable()
     raw = location.read(STORE_FILE)
     if raw is None:
-        if location.is_local and _non_empty(location.spec["path"]) and location.read(STORE_FILE) is None:
+        if location.is_local and holds_other_files(location.spec["path"]) and location.read(STORE_FILE) is None:
             raise StoreNotFoundError(
                 f"{location.spec['path']} exists, is not empty and is not an erstore store "
                 f"(no {STORE_FILE}); choose an empty or new --store path"
