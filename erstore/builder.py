@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from erstore import preflight
 from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, iter_corpus
 from erstore.errors import InvalidInputError
+from erstore.keys import fast_window_key
 from erstore.keyset import KeySet, halves
 from erstore.manifest import Recipe, VersionManifest
 from erstore.tokenize import DEFAULT_MODEL, Windower, load_tokenizer, model_identity, tokenizer_fingerprint
@@ -305,16 +305,6 @@ class _Stats:
     write_wait_s: float = 0.0
     first_batch_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
-
-
-_NO_BOUNDARY = np.zeros(1, dtype="<u4").tobytes()
-
-
-def fast_window_key(ids: np.ndarray, boundary: int) -> str:
-    """`keys.window_key` for tokenizer output already as a uint32 array, without re-checking it:
-    the same bytes are hashed (tests pin the equality), at a fraction of the per-call cost."""
-    header = _NO_BOUNDARY if not boundary else np.array([1, boundary], dtype="<u4").tobytes()
-    return xxhash.xxh3_128_hexdigest(header + ids.tobytes())
 
 
 def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import erstore
-from erstore.builder import BuildConfig, buffered_batches, build, fast_window_key
+from erstore.builder import BuildConfig, buffered_batches, build
 from erstore.docmap import DocMap
-from erstore.keys import window_key
+from erstore.keys import fast_window_key, window_key
 from erstore.keyset import KeySet, halves
 from tests.conftest import SENTENCES, write_jsonl
 
