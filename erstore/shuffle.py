@@ -22,7 +22,8 @@ Not here: weighting or mixing several stores, and infinite (epoch-less) streams.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -137,3 +138,36 @@ class BatchPlan:
         rest = np.concatenate(partial) if partial else np.zeros(0, dtype=np.int64)
         tail = [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
         return (batches + tail)[: self.batches_per_epoch]
+
+
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """`rank` and `world_size`, each defaulting to the initialised torch.distributed group's
+    (0 and 1 without one). Does not import torch: without it no group can be initialised."""
+    if rank is None or world_size is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+
+
+class Resumable:
+    """(epoch, step) bookkeeping of a reader that walks a seeded plan (`self.plan.seed`):
+    `state_dict()` / `load_state_dict()` for exact resumption, `set_epoch()`."""
+
+    epoch: int
+    step: int
+    plan: object
+    noun = "reader"  # for messages: "loader", "feed"
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.plan.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if "seed" in state and state["seed"] != self.plan.seed:
+            raise InvalidInputError(f"state was saved with seed {state['seed']}, this {self.noun} has "
+                                    f"seed {self.plan.seed}; create the {self.noun} with the same seed")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0

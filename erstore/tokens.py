@@ -24,8 +24,7 @@ feed is already batched and prefetching; iterate it directly in each rank).
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from erstore.codecs import storage_dtype
 from erstore.errors import CorruptStoreError, InvalidInputError, KeyNotFoundError
 from erstore.index import KeyIndex
 from erstore.keys import join_key
+from erstore.shuffle import Resumable, rank_and_world
 from erstore.store import BuildArrays, Store, open_arrays
 from erstore.tokenplan import TokenPlan, token_blocks
 
@@ -94,7 +94,7 @@ class _Window:
     sequences: np.ndarray
 
 
-class TokenFeed:
+class TokenFeed(Resumable):
     """Batches of `batch_size` token rows of a store version (see the module docstring).
 
     Args:
@@ -120,6 +120,8 @@ class TokenFeed:
 
     Raises KeyNotFoundError for keys the version lacks and InvalidInputError for bad options.
     """
+
+    noun = "feed"
 
     def __init__(self, store: Store, keys: Sequence[str] | None = None, *, batch_size: int = 4096,
                  shuffle: bool = True, seed: int = 0, drop_special: bool = False,
@@ -158,10 +160,7 @@ class TokenFeed:
         ids = {int(i) for i in drop_ids} | (special_token_ids(store) if drop_special else set())
         self.drop_ids = np.array(sorted(ids), dtype=np.int64)
         counts = self._filtered_counts() if len(self.drop_ids) else self.blocks.rows()
-        if rank is None or world_size is None:
-            dist_rank, dist_world = _distributed()
-            rank = dist_rank if rank is None else rank
-            world_size = dist_world if world_size is None else world_size
+        rank, world_size = rank_and_world(rank, world_size)
         itemsize = storage_dtype(store.codec.dtype).itemsize if getattr(store.codec, "lossless", False) else 4
         buffer_blocks = max(1, buffer_bytes // (self.block_rows * d * itemsize))
         self.plan = TokenPlan(counts, batch_size=batch_size, shuffle=shuffle, seed=seed,
@@ -191,18 +190,6 @@ class TokenFeed:
     def tokens(self) -> int:
         """Tokens this rank visits per epoch (before drop_last trims the last partial batch)."""
         return self.plan.tokens
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.plan.seed}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if "seed" in state and state["seed"] != self.plan.seed:
-            raise InvalidInputError(f"state was saved with seed {state['seed']}, this feed has seed "
-                                    f"{self.plan.seed}; create the feed with the same seed")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.step = epoch, 0
 
     def __iter__(self) -> Iterator[TokenBatch]:
         """The rest of the current epoch from `step` (the next epoch once one is finished)."""
@@ -395,10 +382,3 @@ def overlap_rows(store: Store) -> int:
     lead = next((i for i, m in enumerate(mask) if not m), len(mask))
     return lead + store.recipe.stride
 
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world_size) of an initialised torch.distributed group, without importing torch."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

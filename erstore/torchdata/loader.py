@@ -15,19 +15,19 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from erstore.errors import ErstoreError, InvalidInputError
-from erstore.shuffle import BatchPlan
+from erstore.shuffle import BatchPlan, Resumable, rank_and_world
 from erstore.torchdata.collate import Collate
 from erstore.torchdata.dataset import StoreDataset
 from erstore.torchdata.producer import END, Failure, Prepared, Producer
 
 
-class Loader:
+class Loader(Resumable):
     """Batches of a `StoreDataset`, prepared by a background thread while the consumer computes.
 
     Iterating yields the rest of the current epoch (from `step`), then moves to the next epoch.
@@ -62,6 +62,8 @@ class Loader:
                 out = tail(batch["hidden_states"], batch["attention_mask"])
     """
 
+    noun = "loader"
+
     def __init__(self, dataset: StoreDataset | Any, *, batch_size: int = 32, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, bucket_by_length: bool = False,
                  block_rows: int | None = None, buffer_blocks: int = 16, rank: int | None = None,
@@ -71,10 +73,7 @@ class Loader:
         if prefetch < 1:
             raise InvalidInputError(f"prefetch must be at least 1, got {prefetch}")
         self.dataset = dataset if isinstance(dataset, StoreDataset) else StoreDataset(dataset)
-        if world_size is None or rank is None:
-            dist_rank, dist_world = _distributed()
-            rank = dist_rank if rank is None else rank
-            world_size = dist_world if world_size is None else world_size
+        rank, world_size = rank_and_world(rank, world_size)
         ds = self.dataset
         self.plan = BatchPlan(ds._array, ds._row, ds.lengths, batch_size=batch_size, shuffle=shuffle,
                               seed=seed, block_rows=block_rows or ds.block_rows,
@@ -94,18 +93,6 @@ class Loader:
         """Batches per epoch for this rank."""
         return len(self.plan)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.plan.seed}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if "seed" in state and state["seed"] != self.plan.seed:
-            raise InvalidInputError(f"state was saved with seed {state['seed']}, this loader has "
-                                    f"seed {self.plan.seed}; create the loader with the same seed")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.step = epoch, 0
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
@@ -123,14 +110,6 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # While a prefetch thread runs, the interpreter offers the GIL to a waiting thread after 0.5 ms
