@@ -228,12 +228,13 @@ def _arrow_reader(path: Path) -> Iterator[Any]:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read(f: CorpusFile, columns: list[str], *, optional: frozenset[str] = frozenset(),
+def read(f: CorpusFile, columns: list[str] | None, *, optional: frozenset[str] = frozenset(),
          parts: list[Any] | None = None, stripe: tuple[int, int] | None = None) -> Iterator[Block]:
     """Blocks of `f`'s rows: all of them, only the `parts` (units) given, or every stripe[1]-th
     row starting at stripe[0] (for a file a rank cannot enter in the middle).
 
-    Columnar formats read only `columns` (those in `optional` may be absent)."""
+    Columnar formats read only `columns` (those in `optional` may be absent; CSV reads them as
+    text), or every column with its own type when `columns` is None."""
     if f.line_based:
         yield from _read_lines(f, parts, stripe)
     elif f.format in ("csv", "tsv"):
@@ -321,8 +322,10 @@ def _read_lines(f: CorpusFile, parts: Any, stripe: Any) -> Iterator[Block]:
         yield Block(rows, where, True, jsonl, records=values, prefix=f.prefix, offset=f.row_offset)
 
 
-def _check_columns(f: CorpusFile, names: list[str], columns: list[str], optional: frozenset[str]) -> list[str]:
-    """The requested columns this file has; a clear error for a missing required one."""
+def _check_columns(f: CorpusFile, names: list[str], columns: list[str] | None, optional: frozenset[str]) -> list[str]:
+    """The requested columns this file has (all of them for None); a clear error for a missing one."""
+    if columns is None:
+        return list(names)
     for c in columns:
         if c not in names and c not in optional:
             raise InvalidInputError(f"{f.path}: no column {c!r} (columns: {', '.join(names) or 'none'}); "
@@ -344,7 +347,7 @@ def _columns_of(batch: Any, f: CorpusFile, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def _read_csv(f: CorpusFile, columns: list[str], optional: frozenset[str], stripe: Any) -> Iterator[Block]:
+def _read_csv(f: CorpusFile, columns: list[str] | None, optional: frozenset[str], stripe: Any) -> Iterator[Block]:
     pa = _pyarrow("CSV")
     from pyarrow import csv
 
@@ -353,7 +356,7 @@ def _read_csv(f: CorpusFile, columns: list[str], optional: frozenset[str], strip
 
     def reader(include: list[str] | None) -> Any:
         stream = pa.input_stream(str(f.path), compression=f.compression)
-        types = {c: pa.string() for c in (include or [])}
+        types = {c: pa.string() for c in (include or []) if columns is not None}
         convert = csv.ConvertOptions(column_types=types, include_columns=include)
         return csv.open_csv(stream, read_options=csv.ReadOptions(block_size=_BATCH_BYTES),
                             parse_options=parse, convert_options=convert)
@@ -390,7 +393,7 @@ def _first_bad_utf8(f: CorpusFile) -> str:
     return f"{f.path}: not valid UTF-8; convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
 
 
-def _read_parquet(f: CorpusFile, columns: list[str], optional: frozenset[str],
+def _read_parquet(f: CorpusFile, columns: list[str] | None, optional: frozenset[str],
                   parts: list[int] | None) -> Iterator[Block]:
     pq = _pyarrow("Parquet").parquet
     try:
@@ -410,7 +413,7 @@ def _read_parquet(f: CorpusFile, columns: list[str], optional: frozenset[str],
             first += batch.num_rows
 
 
-def _read_arrow(f: CorpusFile, columns: list[str], optional: frozenset[str],
+def _read_arrow(f: CorpusFile, columns: list[str] | None, optional: frozenset[str],
                 parts: list[int] | None) -> Iterator[Block]:
     wanted = None if parts is None else set(parts)
     first, present = 0, None

@@ -26,15 +26,14 @@ Not here: label vocabularies beyond an explicit `label_to_id` mapping, character
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from erstore import corpus_files
 from erstore.errors import InvalidInputError, KeyNotFoundError
 from erstore.store import Store
 from erstore.tokenize import Window, Windower
@@ -111,18 +110,27 @@ class Examples(Sequence[Example]):
 
 
 def read_rows(data: Rows) -> list[Mapping[str, Any]]:
-    """Rows from a JSONL file path, or the given iterable of dicts."""
+    """Rows from a file, folder or glob in any corpus format but plain text (JSONL, CSV/TSV,
+    Parquet, Arrow, a `datasets` save_to_disk folder; compressed too), or the given iterable of
+    dicts, `datasets.Dataset` or pyarrow Table. Columnar files keep their column types (CSV's
+    are inferred)."""
     if not isinstance(data, (str, os.PathLike)):
-        return list(data)
-    path = Path(data)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise InvalidInputError(f"{path}:{lineno}: malformed JSON ({e}); fix the line") from e
+        return data.to_pylist() if hasattr(data, "to_pylist") else list(data)
+    rows: list[Mapping[str, Any]] = []
+    for f in corpus_files.discover(data):
+        if f.format == "text":
+            raise InvalidInputError(f"{f.path}: labels need named fields, which plain text has not; "
+                                    "give them as JSONL, CSV, Parquet or a datasets folder")
+        for block in corpus_files.read(f, None):
+            if block.records is not None:
+                for i, rec in enumerate(block.records):
+                    if not isinstance(rec, Mapping):
+                        raise InvalidInputError(f"{block.location(i)}: a label row must be a JSON object, got "
+                                                f"{type(rec).__name__}; write one object per line")
+                rows += block.records
+            else:
+                cols = {name: col.to_pylist() for name, col in (block.columns or {}).items()}
+                rows += [dict(zip(cols, values)) for values in zip(*cols.values())]
     return rows
 
 

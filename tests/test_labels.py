@@ -127,3 +127,40 @@ def test_ner_rejects_mismatched_rows(read_store, label_rows):
         token_labels(store, [{"tokens": NER_ROWS[0]["tokens"], "ner_tags": ["O"] * 8}], label_to_id={"O": 0})[
             store.key_for(" ".join(NER_ROWS[0]["tokens"]))]["labels"][1:-1].clip(min=0),
         0)
+
+
+def test_label_rows_from_every_corpus_format(read_store, tmp_path, label_rows):
+    """Label files in JSONL, CSV, Parquet and a datasets folder give the same examples as the rows
+    themselves (nested NER tags from Parquet/datasets keep their list type)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = erstore.open(read_store)
+    seq_rows = [{"id": "d0", "label": 1}, {"id": "d1", "label": 0}]
+    expected = sequence_labels(store, seq_rows, by="doc")
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seq_rows))
+    (tmp_path / "l.csv").write_text("id,label\nd0,1\nd1,0\n")
+    pq.write_table(pa.Table.from_pylist(seq_rows), tmp_path / "l.parquet")
+    for name in ("l.jsonl", "l.csv", "l.parquet"):
+        assert sequence_labels(store, tmp_path / name, by="doc") == expected, name
+    assert sequence_labels(store, pa.Table.from_pylist(seq_rows), by="doc") == expected
+
+    ner = label_rows["ner"][:2]
+    want = token_labels(store, ner)
+    datasets.Dataset.from_list(ner).save_to_disk(str(tmp_path / "ner-ds"))
+    pq.write_table(pa.Table.from_pylist(ner), tmp_path / "ner.parquet")
+    for source in (tmp_path / "ner-ds", tmp_path / "ner.parquet"):
+        got = token_labels(store, source)
+        assert got.keys() == want.keys()
+        assert all(np.array_equal(got[k]["labels"], want[k]["labels"]) for k in want), source
+
+    (tmp_path / "l.txt").write_text("d0\n")
+    with pytest.raises(InvalidInputError, match="plain text"):
+        sequence_labels(store, tmp_path / "l.txt", by="doc")
+    (tmp_path / "bad.jsonl").write_text('{"id": "d0", "label": 1}\n[1, 2]\n')
+    with pytest.raises(InvalidInputError, match=r"bad\.jsonl:2: a label row must be a JSON object"):
+        sequence_labels(store, tmp_path / "bad.jsonl", by="doc")
+    (tmp_path / "bad2.jsonl").write_text('{"id": "d0", "label": 1}\n{oops\n')
+    with pytest.raises(InvalidInputError, match=r"bad2\.jsonl:2: malformed JSON"):
+        sequence_labels(store, tmp_path / "bad2.jsonl", by="doc")
