@@ -181,7 +181,10 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     tail = model.tail
     if getattr(tail, "pooler", None) is not None and not any(k.startswith("tail.pooler.") for k in weights):
         tail.pooler = None  # for_store hands the pooler to a BERT-style head; the tail never uses it
-    result = model.load_state_dict(weights, strict=False)
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a shape mismatch (another num_labels, hidden size, bottleneck)
+        raise IncompatibleStoreError(f"{path} does not fit the model its config.json describes: {e}") from e
     if result.missing_keys or result.unexpected_keys:
         raise IncompatibleStoreError(
             f"{path} does not fit the model its config.json describes: missing {result.missing_keys[:3]}, "
@@ -216,7 +219,10 @@ def load_adapter(model: Any, folder: Path) -> None:
             f"{folder}/{ADAPTER_WEIGHTS} does not fit the LoRA layers of {ADAPTER_CONFIG}: "
             f"extra {sorted(set(named) - wanted)[:3]}, missing {sorted(wanted - set(named))[:3]}"
         )
-    model.load_state_dict(named, strict=False)
+    try:
+        model.load_state_dict(named, strict=False)
+    except RuntimeError as e:
+        raise IncompatibleStoreError(f"{folder}/{ADAPTER_WEIGHTS} does not fit {ADAPTER_CONFIG}: {e}") from e
 
 
 def resolve_folder(name: str | Path, **hub_options: Any) -> Path:
