@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig
+
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.x spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 from .adapters import add_adapters, add_lora
 from .heads import HEADS
@@ -142,7 +146,11 @@ def read_config(folder: Path) -> dict[str, Any]:
 def build_tail(meta: dict[str, Any]) -> Any:
     """The tail's modules from the saved transformers config (weights uninitialised: loaded next)."""
     from transformers import CONFIG_MAPPING, AutoModel, T5EncoderModel
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     base = dict(meta["base_config"])
     model_type = base.get("model_type")

@@ -134,6 +134,8 @@ class ReducedModel(PreTrainedModel, Serving):
         uploads what it writes. Keyword arguments go to `PreTrainedModel.save_pretrained`.
         """
         folder = Path(save_directory)
+        # transformers would upload before the PEFT files below exist; push the finished folder.
+        push, repo_id = kwargs.pop("push_to_hub", False), kwargs.pop("repo_id", None)
         for name, value in pretrained.describe(self).items():
             setattr(self.config, name, value)
         base, lora = pretrained.split_lora(self.state_dict() if state_dict is None else state_dict)
@@ -145,6 +147,8 @@ class ReducedModel(PreTrainedModel, Serving):
         else:  # a re-save after merge_and_unload must not leave the old LoRA files behind
             for name in (pretrained.ADAPTER_CONFIG, pretrained.ADAPTER_WEIGHTS):
                 (folder / name).unlink(missing_ok=True)
+        if push:  # PushToHubMixin.push_to_hub saves (this method) into a temporary folder and uploads it
+            self.push_to_hub(repo_id or folder.resolve().name, token=kwargs.get("token"))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **hub_options: Any) -> ReducedModel:  # type: ignore[override]
