@@ -6,15 +6,19 @@
     config.json                 model_type "erstore-reduced": the store's recipe (model identity:
                                 absolute path or hub name, plus the weight fingerprint), the base
                                 model's transformers config, first layer, head and adapter settings
-    model.safetensors           every tail and head weight (bottleneck adapters included), under the
-                                ReducedModel's parameter names; LoRA-wrapped layers as plain weights
+    model.safetensors           the model's own state dict: every tail and head weight, bottleneck
+                                adapters and LoRA included, under the ReducedModel's parameter names
+                                (so Trainer's resume_from_checkpoint, which loads this file into the
+                                live model by name, restores everything)
     adapter_config.json         only with LoRA: PEFT's own files, as PeftModel.save_pretrained writes
-    adapter_model.safetensors   them (keys `base_model.model.<module>.lora_A.weight`)
+    adapter_model.safetensors   them (keys `base_model.model.<module>.lora_A.weight`), for PEFT and
+                                other tools; the same LoRA tensors as in model.safetensors
 
 A folder is self-contained: loading builds the tail from the saved transformers config (no
 random init, no download of the recipe's model) and loads the weights, so outputs are
 bit-identical. The recipe's model is needed again only to compute layer-k states for text that
-is not in the store. This module writes and reads those files; `ReducedModel` calls it.
+is not in the store. A folder whose model.safetensors is a plain reduced model plus PEFT adapter
+files (say, an adapter trained with PEFT itself) loads too: LoRA then comes from the adapter files.
 Not here: the legacy `reduced.json` format (consumers.reduced keeps its loader), sharded weights.
 """
 
@@ -81,23 +85,23 @@ def describe(model: Any) -> dict[str, Any]:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def split_lora(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the plain model's weights, LoRA weights in PEFT's file layout).
-
-    A LoRA-wrapped layer holds its frozen weight as `<module>.base_layer.weight`; the plain name
-    `<module>.weight` is what the model has without LoRA (and after a merge). LoRA weights drop
-    the adapter name and gain PeftModel's prefix, as `PeftModel.save_pretrained` writes them.
-    """
-    base, lora = {}, {}
-    for name, tensor in state_dict.items():
-        if ".lora_" in name:
-            lora[PEFT_PREFIX + name.replace(".default.", ".")] = tensor
-        else:
-            base[name.replace(".base_layer.", ".")] = tensor
-    return base, lora
+def is_lora(name: str) -> bool:
+    return ".lora_" in name
 
 
-def write_adapter(folder: Path, tail: Any, weights: dict[str, torch.Tensor]) -> None:
+def plain_name(name: str) -> str:
+    """A LoRA-wrapped layer's frozen weight `<module>.base_layer.weight` under the name the model
+    has without LoRA (and after a merge): `<module>.weight`."""
+    return name.replace(".base_layer.", ".")
+
+
+def peft_name(name: str) -> str:
+    """`tail.<module>.lora_A.default.weight` as PeftModel.save_pretrained writes it: the adapter
+    name dropped, PeftModel's prefix added."""
+    return PEFT_PREFIX + name.replace(".default.", ".")
+
+
+def write_adapter(folder: Path, tail: Any, state_dict: dict[str, torch.Tensor]) -> None:
     """adapter_config.json (PEFT's LoraConfig writer) and adapter_model.safetensors."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -106,8 +110,8 @@ def write_adapter(folder: Path, tail: Any, weights: dict[str, torch.Tensor]) -> 
     LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
                target_modules=list(cfg["target_modules"]),
                fan_in_fan_out=getattr(tail, "lora_fan_in_fan_out", False)).save_pretrained(str(folder))
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(folder / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    weights = {peft_name(k): v.detach().contiguous().cpu() for k, v in state_dict.items() if is_lora(k)}
+    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"erstore reads {FORMAT_VERSION}: upgrade erstore"
         )
     for field in ("base_config", "first_layer", "head"):
-        if not meta.get(field) and meta.get(field) != 0:
+        if meta.get(field) is None:
             raise IncompatibleStoreError(f"{path} lacks {field!r}; it was not written by a ReducedModel with a tail")
     return meta
 
@@ -178,59 +182,48 @@ def build_head(meta: dict[str, Any]) -> torch.nn.Module:
     return HEADS[kind](options.pop("hidden_size"), options.pop("num_labels"), **options)
 
 
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """model.safetensors into `model`; every weight must fit (IncompatibleStoreError otherwise)."""
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight of `model` from `weights`, nothing left over (IncompatibleStoreError otherwise)."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a shape mismatch (another num_labels, hidden size, bottleneck, r)
+        raise IncompatibleStoreError(f"{source} does not fit the model its config describes: {e}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise IncompatibleStoreError(
+            f"{source} does not fit the model its config describes: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = folder / WEIGHTS
     if not path.is_file():
         raise IncompatibleStoreError(f"{folder} has config.json but no {WEIGHTS} (a sharded or partial save?)")
-    weights = load_file(str(path))
-    tail = model.tail
-    if getattr(tail, "pooler", None) is not None and not any(k.startswith("tail.pooler.") for k in weights):
-        tail.pooler = None  # for_store hands the pooler to a BERT-style head; the tail never uses it
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # a shape mismatch (another num_labels, hidden size, bottleneck)
-        raise IncompatibleStoreError(f"{path} does not fit the model its config.json describes: {e}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise IncompatibleStoreError(
-            f"{path} does not fit the model its config.json describes: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
+    return load_file(str(path))
 
 
-def load_adapter(model: Any, folder: Path) -> None:
-    """PEFT's adapter_config.json + adapter_model.safetensors, injected into the tail as add_lora does."""
+def add_saved_lora(model: Any, folder: Path, lora_weights: dict[str, torch.Tensor]) -> None:
+    """LoRA as adapter_config.json describes it, injected into the tail as add_lora does; its
+    weights from model.safetensors (`lora_weights`) or else from adapter_model.safetensors."""
     from peft import PeftConfig
     from safetensors.torch import load_file
 
     config = PeftConfig.from_pretrained(str(folder))
     if config.peft_type != "LORA":
         raise IncompatibleStoreError(f"{folder}/{ADAPTER_CONFIG} holds a {config.peft_type} adapter; only LoRA loads here")
-    targets = config.target_modules
-    if isinstance(targets, str):
+    if isinstance(config.target_modules, str):
         raise IncompatibleStoreError(f"{folder}/{ADAPTER_CONFIG}: regex target_modules are not supported; list the names")
-    add_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=sorted(targets))
-    weights = load_file(str(folder / ADAPTER_WEIGHTS))
-    named = {}
-    for key, tensor in weights.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise IncompatibleStoreError(f"{folder}/{ADAPTER_WEIGHTS}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-        name = key[len(PEFT_PREFIX):]
-        for part in (".lora_A.", ".lora_B."):
-            name = name.replace(part, f"{part}default.")
-        named[name] = tensor
-    wanted = {n for n, _ in model.named_parameters() if ".lora_" in n}
-    if set(named) != wanted:
-        raise IncompatibleStoreError(
-            f"{folder}/{ADAPTER_WEIGHTS} does not fit the LoRA layers of {ADAPTER_CONFIG}: "
-            f"extra {sorted(set(named) - wanted)[:3]}, missing {sorted(wanted - set(named))[:3]}"
-        )
-    try:
-        model.load_state_dict(named, strict=False)
-    except RuntimeError as e:
-        raise IncompatibleStoreError(f"{folder}/{ADAPTER_WEIGHTS} does not fit {ADAPTER_CONFIG}: {e}") from e
+    add_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+             target_modules=sorted(config.target_modules))
+    source = f"{folder}/{WEIGHTS}"
+    if not lora_weights:
+        source = f"{folder}/{ADAPTER_WEIGHTS}"
+        live = {peft_name(n): n for n, _ in model.named_parameters() if is_lora(n)}
+        lora_weights = {live.get(k, k): v for k, v in load_file(source).items()}
+    base = {n: t for n, t in model.state_dict().items() if not is_lora(n)}
+    load_into(model, {**base, **lora_weights}, source)
 
 
 def resolve_folder(name: str | Path, **hub_options: Any) -> Path:
@@ -252,15 +245,23 @@ def resolve_folder(name: str | Path, **hub_options: Any) -> Path:
         raise InvalidInputError(f"{text!r} is not a local folder and could not be fetched from the Hub: {e}") from e
 
 
-def load_folder(cls: type, folder: Path) -> Any:
-    """A ReducedModel rebuilt from a folder (see the module docstring), in eval mode."""
+def load_folder(cls: type, folder: Path, *, lora: bool = True) -> Any:
+    """A ReducedModel rebuilt from a folder (see the module docstring), in eval mode; with
+    lora=False the plain model under the LoRA (what PeftModel.from_pretrained takes as its base)."""
     meta = read_config(folder)
     # Which weights train follows from the structure, as after for_store + add_adapters/add_lora:
     # all of them on a bare model; adapters/LoRA and a task head once either was added.
     model = cls(build_tail(meta), build_head(meta))
     if meta.get("adapters"):
         add_adapters(model, **meta["adapters"])
-    load_weights(model, folder)
-    if (folder / ADAPTER_CONFIG).is_file():
-        load_adapter(model, folder)
+    weights = read_weights(folder)
+    if getattr(model.tail, "pooler", None) is not None and not any(k.startswith("tail.pooler.") for k in weights):
+        model.tail.pooler = None  # for_store hands the pooler to a BERT-style head; the tail never uses it
+    lora_weights = {k: v for k, v in weights.items() if is_lora(k)}
+    has_adapter = (folder / ADAPTER_CONFIG).is_file()
+    if lora_weights and not has_adapter:
+        raise IncompatibleStoreError(f"{folder}/{WEIGHTS} holds LoRA weights but the folder has no {ADAPTER_CONFIG}")
+    load_into(model, {plain_name(k): v for k, v in weights.items() if not is_lora(k)}, f"{folder}/{WEIGHTS}")
+    if has_adapter and lora:
+        add_saved_lora(model, folder, lora_weights)
     return model.eval()

@@ -138,12 +138,13 @@ class ReducedModel(PreTrainedModel, Serving):
         push, repo_id = kwargs.pop("push_to_hub", False), kwargs.pop("repo_id", None)
         for name, value in pretrained.describe(self).items():
             setattr(self.config, name, value)
-        base, lora = pretrained.split_lora(self.state_dict() if state_dict is None else state_dict)
-        super().save_pretrained(folder, state_dict=base, **kwargs)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        # A shallow copy: transformers pops each tensor from the dict it is given while writing.
+        super().save_pretrained(folder, state_dict=dict(state_dict), **kwargs)
         if not kwargs.get("is_main_process", True):
             return
-        if lora:
-            pretrained.write_adapter(folder, self.tail, lora)
+        if any(pretrained.is_lora(k) for k in state_dict):
+            pretrained.write_adapter(folder, self.tail, state_dict)
         else:  # a re-save after merge_and_unload must not leave the old LoRA files behind
             for name in (pretrained.ADAPTER_CONFIG, pretrained.ADAPTER_WEIGHTS):
                 (folder / name).unlink(missing_ok=True)
@@ -151,12 +152,14 @@ class ReducedModel(PreTrainedModel, Serving):
             self.push_to_hub(repo_id or folder.resolve().name, token=kwargs.get("token"))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **hub_options: Any) -> ReducedModel:  # type: ignore[override]
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, lora: bool = True,  # type: ignore[override]
+                        **hub_options: Any) -> ReducedModel:
         """Rebuild a reduced model from a save_pretrained / Trainer folder (or a Hub repo id).
 
         Needs no download of the recipe's model: the folder holds the tail's config and weights.
-        Outputs are bit-identical to the saved model's. `hub_options` (revision, token, ...) go
-        to `huggingface_hub.snapshot_download` for a repo id.
+        Outputs are bit-identical to the saved model's. lora=False gives the model without its
+        LoRA (the base that `peft.PeftModel.from_pretrained(base, folder)` expects). `hub_options`
+        (revision, token, ...) go to `huggingface_hub.snapshot_download` for a repo id.
 
         Raises:
             InvalidInputError: the path is neither a folder nor a Hub repo id.
@@ -164,7 +167,7 @@ class ReducedModel(PreTrainedModel, Serving):
                 weights that do not fit it).
         """
         folder = pretrained.resolve_folder(pretrained_model_name_or_path, **hub_options)
-        return pretrained.load_folder(cls, folder)
+        return pretrained.load_folder(cls, folder, lora=lora)
 
     def save(self, folder: str | Path) -> Path:
         """save_pretrained(folder); returns the folder."""

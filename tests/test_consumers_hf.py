@@ -105,6 +105,14 @@ def test_trainer_checkpoints_and_save_model_load_bit_exact(zoo, tmp_path):
     assert torch.equal(outputs(final, batch), outputs(model, batch))
     assert trainable(final) == trainable(model)
 
+    # Trainer's own resume loads model.safetensors into a live model by name: LoRA included.
+    fresh = ReducedModel.for_store(store, task="sequence", num_labels=2)
+    add_lora(fresh, r=4)
+    args.output_dir = str(tmp_path / "resumed")
+    Trainer(model=fresh, args=args, train_dataset=trainer.train_dataset, data_collator=PadCollate()).train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))  # step 2 again, from step 1
+    assert torch.equal(outputs(fresh, batch), seen[2])
+
 
 # PEFT 0.21 reads transformers 5's deprecated PreTrainedModel.is_gradient_checkpointing (their
 # mismatch, raised for any transformers model wrapped by PeftModel).
@@ -122,20 +130,18 @@ def test_lora_is_written_in_peft_format_that_peft_loads(zoo, tmp_path):
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     config = PeftConfig.from_pretrained(str(folder))
     assert isinstance(config, LoraConfig) and config.r == 4 and config.lora_alpha == 8
-    from safetensors.torch import load_file
-
-    base_weights = load_file(str(folder / "model.safetensors"))
-    assert not any("lora_" in k or "base_layer" in k for k in base_weights)  # the plain model
     # PEFT itself puts the adapter on the plain reduced model: the same outputs as ours.
-    plain_folder = tmp_path / "plain"
-    plain_folder.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(folder / name, plain_folder / name)
-    plain = ReducedModel.from_pretrained(plain_folder)
+    plain = ReducedModel.from_pretrained(folder, lora=False)
+    assert not any("lora_" in n for n, _ in plain.named_parameters())
     assert not torch.equal(outputs(plain, batch), outputs(model, batch))
     by_peft = PeftModel.from_pretrained(plain, str(folder))
     assert torch.equal(outputs(by_peft, batch), outputs(model, batch))
     assert torch.equal(outputs(ReducedModel.from_pretrained(folder), batch), outputs(model, batch))
+    # A plain reduced model plus PEFT's files (an adapter trained elsewhere) loads as one model.
+    ReducedModel.from_pretrained(folder, lora=False).save_pretrained(tmp_path / "plain")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(folder / name, tmp_path / "plain" / name)
+    assert torch.equal(outputs(ReducedModel.from_pretrained(tmp_path / "plain"), batch), outputs(model, batch))
 
 
 def test_merge_and_unload_folds_lora_into_the_tail(zoo, tmp_path):
