@@ -70,7 +70,7 @@ def describe(model: Any) -> dict[str, Any]:
     """The config fields of a ReducedModel as it is now (adapters added after creation included)."""
     from .reduced import KIND
 
-    tail = model.tail
+    tail, head = model.tail, model.head
     base = getattr(tail, "config", None)
     dtype = next(tail.parameters(), torch.empty(0)).dtype
     return {"reduced_format_version": FORMAT_VERSION,
@@ -80,7 +80,7 @@ def describe(model: Any) -> dict[str, Any]:
             "first_layer": getattr(tail, "first_layer", None),
             "full_parameters": int(getattr(tail, "full_parameters", 0)),
             "tail_dtype": str(dtype).removeprefix("torch."),
-            "head": {"kind": KIND[type(model.head)], **model.head.config},
+            "head": {"kind": KIND[type(head)], **head.config} if type(head) in KIND else None,
             "adapters": getattr(tail, "adapter_config", None)}
 
 

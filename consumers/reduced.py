@@ -30,7 +30,7 @@ from .heads import HEADS, head_for_tail
 from .lm import causal_labels
 from .serving import Serving
 from .tail import Tail, load_tail
-from erstore.errors import IncompatibleStoreError
+from erstore.errors import IncompatibleStoreError, InvalidInputError
 from erstore.manifest import Recipe
 
 FORMAT = "erstore-reduced-model"  # the legacy reduced.json format, still read by `load`
@@ -63,12 +63,13 @@ class ReducedModel(PreTrainedModel, Serving):
     main_input_name = "hidden_states"
 
     def __init__(self, tail: Tail, head: nn.Module):
-        # The config is filled from the modules whenever the model is saved (adapters may be
-        # added after construction); weights are the tail's and head's own, never re-initialised.
+        # The config describes the modules; save_pretrained refreshes it (adapters may be added
+        # after construction). Weights are the tail's and head's own, never re-initialised.
         super().__init__(pretrained.ReducedConfig())
         self.tail = tail
         self.head = head
         self._extractor: Any = None
+        self.config.update(pretrained.describe(self))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -136,8 +137,12 @@ class ReducedModel(PreTrainedModel, Serving):
         folder = Path(save_directory)
         # transformers would upload before the PEFT files below exist; push the finished folder.
         push, repo_id = kwargs.pop("push_to_hub", False), kwargs.pop("repo_id", None)
-        for name, value in pretrained.describe(self).items():
-            setattr(self.config, name, value)
+        self.config.update(pretrained.describe(self))
+        if self.config.head is None or self.config.base_config is None:
+            raise InvalidInputError(
+                f"cannot save this ReducedModel: save_pretrained needs a tail loaded from a store and a "
+                f"head from consumers.heads (found {type(self.tail).__name__}, {type(self.head).__name__})"
+            )
         state_dict = self.state_dict() if state_dict is None else state_dict
         # A shallow copy: transformers pops each tensor from the dict it is given while writing.
         super().save_pretrained(folder, state_dict=dict(state_dict), **kwargs)

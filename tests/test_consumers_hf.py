@@ -214,6 +214,8 @@ def test_bad_folders_fail_clearly(zoo, tmp_path):
     shutil.copy(tmp_path / "m" / "model.safetensors", tmp_path / "weights-only")
     with pytest.raises(IncompatibleStoreError, match="without a config"):
         ReducedModel.from_pretrained(tmp_path / "weights-only")
+    with pytest.raises(InvalidInputError, match="cannot save"):
+        ReducedModel(torch.nn.Identity(), model.head).save_pretrained(tmp_path / "no-tail")
     other = ReducedModel.for_store(store, task="sequence", num_labels=5)
     other.save_pretrained(tmp_path / "other")
     shutil.copy(tmp_path / "other" / "model.safetensors", tmp_path / "m")
