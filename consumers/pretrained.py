@@ -19,6 +19,10 @@ random init, no download of the recipe's model) and loads the weights, so output
 bit-identical. The recipe's model is needed again only to compute layer-k states for text that
 is not in the store. A folder whose model.safetensors is a plain reduced model plus PEFT adapter
 files (say, an adapter trained with PEFT itself) loads too: LoRA then comes from the adapter files.
+Why PreTrainedModel and not huggingface_hub's lighter PyTorchModelHubMixin: Trainer calls
+`save_pretrained` only on PreTrainedModel (and PeftModel) instances; any other module gets a bare
+model.safetensors without a config, which nothing can rebuild. `from_pretrained` is our own
+(ReducedModel's constructor takes modules, not a config; the tail is built from the saved config).
 Not here: the legacy `reduced.json` format (consumers.reduced keeps its loader), sharded weights.
 """
 
@@ -47,6 +51,7 @@ WEIGHTS = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's names
+KIND = {cls: name for name, cls in HEADS.items()}  # head class -> the `kind` saved in config.json
 
 
 class ReducedConfig(PreTrainedConfig):
@@ -68,8 +73,6 @@ class ReducedConfig(PreTrainedConfig):
 
 def describe(model: Any) -> dict[str, Any]:
     """The config fields of a ReducedModel as it is now (adapters added after creation included)."""
-    from .reduced import KIND
-
     tail, head = model.tail, model.head
     base = getattr(tail, "config", None)
     dtype = next(tail.parameters(), torch.empty(0)).dtype

@@ -35,7 +35,7 @@ from erstore.manifest import Recipe
 
 FORMAT = "erstore-reduced-model"  # the legacy reduced.json format, still read by `load`
 FORMAT_VERSION = 1
-KIND = {cls: name for name, cls in HEADS.items()}
+KIND = pretrained.KIND
 
 
 def build_params(store: Any) -> dict[str, Any] | None:
