@@ -166,8 +166,11 @@ def test_merge_and_unload_folds_lora_into_the_tail(zoo, tmp_path):
         merged.merge_and_unload()
 
 
-def test_a_decoder_causal_lm_with_lora_round_trips(dzoo, tmp_path):
-    store = dzoo.store("qwen2")  # rotary embeddings and sliding-window masks rebuilt from the config
+# qwen2: rotary embeddings and sliding-window masks rebuilt from the config; gpt2: LoRA on Conv1D
+# (fan_in_fan_out), merged the transposed way.
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_a_decoder_causal_lm_with_lora_round_trips_and_merges(dzoo, tmp_path, family):
+    store = dzoo.store(family)
     model = ReducedModel.for_store(store, task="causal-lm")
     add_lora(model, r=4)
     perturb(model, "lora_B")
@@ -177,6 +180,7 @@ def test_a_decoder_causal_lm_with_lora_round_trips(dzoo, tmp_path):
     assert trainable(again) == trainable(model) and all("lora_" in n for n in trainable(again))
     with torch.no_grad():
         assert torch.equal(again(**batch).loss, model(**batch).loss)
+    torch.testing.assert_close(outputs(again.merge_and_unload(), batch), outputs(model, batch), rtol=0, atol=1e-5)
 
 
 def test_a_store_built_from_a_relative_model_path_loads_from_anywhere(zoo, tmp_path, monkeypatch):
