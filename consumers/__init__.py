@@ -13,9 +13,10 @@
 Modules: `base` (the Tail base class), `tail` (load_tail), `models/` (one module per model
 family, encoders and decoders), `registry` (model_type -> family; `register_family` and the
 `erstore.families` entry points add families from user code), `heads`, `lm` (decoders' LM
-head and causal-LM loss), `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
-load, predict), `full` (FullModel: the full fine-tuning baseline), `serving` (per-word tags and
-answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle`
+head and causal-LM loss), `adapters`, `data` (dataset/collate), `reduced` (ReducedModel:
+predict, save_pretrained / from_pretrained), `pretrained` (the saved folder: config, weights,
+PEFT adapter files), `full` (FullModel: the full fine-tuning baseline), `serving` (per-word
+tags and answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle`
 (save-and-recycle training: compute in epoch 1, read after),
 `cross` (cross-model recycling: a larger model's stored states feed a smaller model),
 `models.t5` (also the seq2seq reduced model). `erstore` never imports this package.
@@ -23,7 +24,7 @@ answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `re
 
 from __future__ import annotations
 
-from .adapters import BottleneckAdapter, add_adapters, add_lora, trainable_state_dict
+from .adapters import BottleneckAdapter, add_adapters, add_lora, merge_lora, trainable_state_dict
 from .heads import (
     MLPHead,
     QuestionAnsweringHead,
@@ -45,6 +46,6 @@ __all__ = [
     "ENTRY_POINT_GROUP", "FAMILIES", "FullModel", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead",
     "QuestionAnsweringHead", "RecycleReport",
     "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
-    "add_adapters", "add_lora", "load_lm_head", "load_tail", "load_transformers_head", "make_head", "recipe_for",
+    "add_adapters", "add_lora", "merge_lora", "load_lm_head", "load_tail", "load_transformers_head", "make_head", "recipe_for",
     "register_family", "save_and_recycle", "tail_class", "train", "trainable_state_dict",
 ]

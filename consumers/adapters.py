@@ -6,7 +6,8 @@ layer, as in Houlsby et al. 2019, and freezes everything else in the tail. The u
 starts at zero, so a freshly adapted tail computes exactly what the frozen tail does.
 AdapterHub's `adapters` package does not work with transformers 5, hence this small module.
 
-`add_lora` injects LoRA into the tail's attention projections with PEFT. Either way only
+`add_lora` injects LoRA into the tail's attention projections with PEFT; `merge_lora` folds it
+into the base weights and removes the LoRA modules (PEFT's merge). Either way only
 adapter (and task head) parameters keep requires_grad, and `trainable_state_dict` is what gets
 saved; a decoder's pretrained LM head (task causal-lm) is frozen like the tail.
 """
@@ -122,6 +123,28 @@ def add_lora(model: Any, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     for name, p in tail.named_parameters():
         p.requires_grad_("lora_" in name)
     tail.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+
+
+def merge_lora(model: Any) -> int:
+    """Merge every LoRA layer of the tail into its base weight (PEFT's own merge) and put the base
+    layer back in its place, as PEFT's merge_and_unload does; returns how many were merged.
+    The merged tail stays frozen; the head keeps training."""
+    from peft.tuners.lora import LoraLayer
+
+    tail = _tail_of(model)
+    if not getattr(tail, "lora_config", None):
+        raise InvalidInputError("this tail has no LoRA to merge (add_lora or a folder with adapter files)")
+    merged = 0
+    for name, module in list(tail.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)  # raises on non-finite merged weights
+            parent_name, _, attr = name.rpartition(".")
+            setattr(tail.get_submodule(parent_name) if parent_name else tail, attr, module.get_base_layer())
+            merged += 1
+    tail.lora_config = None
+    if hasattr(tail, "peft_config"):
+        del tail.peft_config  # set by PEFT's injection; nothing is left for it to describe
+    return merged
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

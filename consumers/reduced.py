@@ -1,10 +1,12 @@
 """ReducedModel: a tail plus a task head, trained on a store and served on new text.
 
 `forward(hidden_states, attention_mask, labels=...)` returns transformers' output classes
-(loss, logits), so the model works with a plain loop and with `transformers.Trainer`.
-`save(folder)` writes `reduced.json` (format tag, the store's recipe, head and adapter settings)
-and `trainable.safetensors` holding only the parameters that train; `load(folder)` reloads the
-recipe's model, checks its fingerprint, rebuilds adapters and head and loads those weights.
+(loss, logits). ReducedModel is a `transformers.PreTrainedModel`, so `transformers.Trainer`
+trains it and writes loadable folders (`save_model`, `checkpoint-N/`), and
+`save_pretrained(folder)` / `from_pretrained(folder)` / `push_to_hub` work as for any
+transformers model; the folder layout (config.json, model.safetensors, PEFT's LoRA files) is
+`consumers.pretrained`'s. `merge_and_unload()` folds LoRA into the tail's weights. `load` also
+reads the older `reduced.json` + `trainable.safetensors` folders (`save` now writes the new one).
 `predict(texts, store=...)` reads stored states where the text's windows are in the store and
 computes layers 0..k with the recipe's model where they are not (optionally writing them back);
 `predict_words` (one tag per word) and `predict_answers` (answer text and offsets) come from
@@ -20,18 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from .adapters import add_adapters, add_lora, trainable_state_dict
+from . import pretrained
+from .adapters import add_adapters, add_lora, merge_lora
 from .heads import HEADS, head_for_tail
 from .lm import causal_labels
 from .serving import Serving
 from .tail import Tail, load_tail
-from erstore.errors import IncompatibleStoreError
+from erstore.errors import IncompatibleStoreError, InvalidInputError
 from erstore.manifest import Recipe
 
-FORMAT = "erstore-reduced-model"
+FORMAT = "erstore-reduced-model"  # the legacy reduced.json format, still read by `load`
 FORMAT_VERSION = 1
-KIND = {cls: name for name, cls in HEADS.items()}
+KIND = pretrained.KIND
 
 
 def build_params(store: Any) -> dict[str, Any] | None:
@@ -52,14 +56,24 @@ def round_trip(codec: Any, states: np.ndarray, params: dict[str, Any] | None = N
     return np.asarray(codec.decode(codec.encode(states, params), params))
 
 
-class ReducedModel(nn.Module, Serving):
+class ReducedModel(PreTrainedModel, Serving):
     """Layers k..N-1 of the store's model and a head; see the module docstring."""
 
+    config_class = pretrained.ReducedConfig
+    main_input_name = "hidden_states"
+
     def __init__(self, tail: Tail, head: nn.Module):
-        super().__init__()
+        # The config describes the modules; save_pretrained refreshes it (adapters may be added
+        # after construction). Weights are the tail's and head's own, never re-initialised.
+        super().__init__(pretrained.ReducedConfig())
         self.tail = tail
         self.head = head
         self._extractor: Any = None
+        self.config.update(pretrained.describe(self))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No-op: the tail holds pretrained weights and heads initialise themselves."""
 
     @classmethod
     def for_store(cls, store: Any, *, task: str = "sequence", num_labels: int = 2,
@@ -113,29 +127,75 @@ class ReducedModel(nn.Module, Serving):
         return out(loss=loss, logits=logits)
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Write reduced.json and trainable.safetensors (adapters/LoRA/head only when frozen)."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, save_directory: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None,
+                        **kwargs: Any) -> None:
+        """Write config.json + model.safetensors, and PEFT's adapter files when the tail has LoRA.
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = {n: t.contiguous().cpu() for n, t in trainable_state_dict(self).items()}
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "recipe": self.tail.recipe.to_dict() if self.tail.recipe else None,
-                "head": {"kind": KIND[type(self.head)], **self.head.config},
-                "adapters": getattr(self.tail, "adapter_config", None),
-                "lora": getattr(self.tail, "lora_config", None),
-                "trainable": sorted(weights)}
-        save_file(weights, str(folder / "trainable.safetensors"))
-        (folder / "reduced.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return folder
+        transformers.Trainer calls this for `save_model` and for every checkpoint; `push_to_hub`
+        uploads what it writes. Keyword arguments go to `PreTrainedModel.save_pretrained`.
+        """
+        folder = Path(save_directory)
+        # transformers would upload before the PEFT files below exist; push the finished folder.
+        push, repo_id = kwargs.pop("push_to_hub", False), kwargs.pop("repo_id", None)
+        self.config.update(pretrained.describe(self))
+        if self.config.head is None or self.config.base_config is None:
+            raise InvalidInputError(
+                f"cannot save this ReducedModel: save_pretrained needs a tail loaded from a store and a "
+                f"head from consumers.heads (found {type(self.tail).__name__}, {type(self.head).__name__})"
+            )
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        # A shallow copy: transformers pops each tensor from the dict it is given while writing.
+        super().save_pretrained(folder, state_dict=dict(state_dict), **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        if any(pretrained.is_lora(k) for k in state_dict):
+            pretrained.write_adapter(folder, self.tail, state_dict)
+        else:  # a re-save after merge_and_unload must not leave the old LoRA files behind
+            for name in (pretrained.ADAPTER_CONFIG, pretrained.ADAPTER_WEIGHTS):
+                (folder / name).unlink(missing_ok=True)
+        if push:  # PushToHubMixin.push_to_hub saves (this method) into a temporary folder and uploads it
+            self.push_to_hub(repo_id or folder.resolve().name, token=kwargs.get("token"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, lora: bool = True,  # type: ignore[override]
+                        **hub_options: Any) -> ReducedModel:
+        """Rebuild a reduced model from a save_pretrained / Trainer folder (or a Hub repo id).
+
+        Needs no download of the recipe's model: the folder holds the tail's config and weights.
+        Outputs are bit-identical to the saved model's. lora=False gives the model without its
+        LoRA (the base that `peft.PeftModel.from_pretrained(base, folder)` expects). `hub_options`
+        (revision, token, ...) go to `huggingface_hub.snapshot_download` for a repo id.
+
+        Raises:
+            InvalidInputError: the path is neither a folder nor a Hub repo id.
+            IncompatibleStoreError: the folder is not a reduced model (no or another config.json,
+                weights that do not fit it).
+        """
+        folder = pretrained.resolve_folder(pretrained_model_name_or_path, **hub_options)
+        return pretrained.load_folder(cls, folder, lora=lora)
+
+    def save(self, folder: str | Path) -> Path:
+        """save_pretrained(folder); returns the folder."""
+        self.save_pretrained(folder)
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path, *, model: str | None = None) -> ReducedModel:
-        """Rebuild a saved reduced model (loads and verifies the recipe's model weights)."""
+        """from_pretrained(folder), or a folder of the older reduced.json format (which reloads the
+        recipe's model, or `model`, and checks its fingerprint)."""
+        if (Path(folder) / "reduced.json").is_file():
+            return cls._load_reduced_json(Path(folder), model=model)
+        return cls.from_pretrained(folder)
+
+    def merge_and_unload(self) -> ReducedModel:
+        """Fold LoRA into the tail's weights and remove the LoRA modules (PEFT's merge); in place."""
+        merge_lora(self)
+        return self
+
+    @classmethod
+    def _load_reduced_json(cls, folder: Path, *, model: str | None = None) -> ReducedModel:
         from safetensors.torch import load_file
 
-        folder = Path(folder)
         meta = json.loads((folder / "reduced.json").read_text())
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise IncompatibleStoreError(

@@ -10,7 +10,8 @@ budget), or any iterable of batches whose fields the model's forward accepts, e.
 `erstore.torchdata` (prefetching, block-shuffled, resumable) or a torch DataLoader. For
 `transformers.Trainer`, pass `consumers.data.StoreDataset` as train_dataset and
 `consumers.data.PadCollate()` as data_collator: ReducedModel.forward takes the collate's keys
-and returns a loss. Save-and-recycle training (states computed in epoch 1, read afterwards) is
+and returns a loss; `trainer.save_model(out)` and every `checkpoint-N/` load back with
+`ReducedModel.from_pretrained`. Save-and-recycle training (states computed in epoch 1, read afterwards) is
 in `consumers.recycle`.
 """
 
