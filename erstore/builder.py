@@ -163,7 +163,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
 
     from erstore.model import LayerExtractor
 
-    with report.phase("load model"):
+    with report.phase("load model", unit=None):
         extractor = LayerExtractor(config.model, device=config.device)
     clock.lap("load")
     writers: dict[int, StoreWriter] = {}

@@ -139,7 +139,7 @@ def copy(src: str, dst: str, *, version: int | str | None = None, keys: list[str
                         writer.append(e.key, e.states, e.token_ids, boundary=e.boundary)
                     phase.update(len(batch))
             chosen = set(wanted)
-            with reporter.phase("commit"):
+            with reporter.phase("commit", unit=None):
                 for doc, doc_keys in _documents(source).items():
                     if all(k in chosen for k in doc_keys):
                         writer.add_document(doc, doc_keys)

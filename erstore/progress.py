@@ -148,9 +148,12 @@ class Reporter:
     def _out(self) -> TextIO:
         return self.stream or sys.stderr
 
-    def phase(self, name: str, *, total: int | None = None, unit: str = "items",
+    def phase(self, name: str, *, total: int | None = None, unit: str | None = "items",
               detail: Callable[[], str] | None = None) -> Phase:
-        """Start a phase (prints its start line now in "lines" mode); close it, or use it as a context."""
+        """Start a phase (prints its start line now in "lines" mode); close it, or use it as a context.
+
+        `unit` None: a step without a count (loading a model), reported by its time only.
+        """
         return Phase(self, name, total=total, unit=unit, detail=detail)
 
     def say(self, message: str) -> None:
@@ -173,7 +176,7 @@ class Reporter:
 class Phase:
     """One phase's counter; `update(n)` is cheap (see the module docstring)."""
 
-    def __init__(self, reporter: Reporter, name: str, *, total: int | None, unit: str,
+    def __init__(self, reporter: Reporter, name: str, *, total: int | None, unit: str | None,
                  detail: Callable[[], str] | None) -> None:
         self.reporter, self.name, self.total, self.unit, self.detail = reporter, name, total, unit, detail
         self.n = 0
@@ -185,12 +188,14 @@ class Phase:
         self._due = math.inf
         if mode == "lines":
             self._due = self.started + reporter.interval
-            reporter._line(f"{self.label} started" + (f": {_count(total, unit)}" if total is not None else ""))
+            counted = total is not None and unit is not None
+            reporter._line(f"{self.label} started" + (f": {_count(total, unit)}" if counted else ""))
         elif mode == "bar":
             from tqdm.auto import tqdm
 
+            step = {"bar_format": "{desc}: {elapsed}"} if unit is None else {}
             self._bar = tqdm(total=total, unit=f" {unit}", desc=f"{reporter.name} {name}", file=reporter._out(),
-                             dynamic_ncols=True, leave=True, disable=False, unit_scale=False)
+                             dynamic_ncols=True, leave=True, disable=False, unit_scale=False, **step)
             self._due = self.started + BAR_DETAIL_SECONDS
 
     @property
@@ -252,7 +257,7 @@ class Phase:
             self._bar.close()
         elif self.reporter.mode == "lines":
             rate = f" ({_rate(self.n / elapsed)} {self.unit}/s)" if elapsed > 0 and self.n else ""
-            if self.n or self.total is not None:
+            if self.unit is not None:
                 head = f"{self.label} {'stopped after' if failed else 'done:'} {_count(self.n, self.unit)} in "
             else:  # a step without a count (loading a model)
                 head = f"{self.label} {'stopped after' if failed else 'done in'} "

@@ -148,7 +148,8 @@ def test_cli_phases_report_plain_lines_on_stderr_and_nothing_on_stdout(tiny_bert
 
     checks = [(("verify", store), {"files", "sequences"}),
               (("copy", store, copy), {"sequences", "commit"}),
-              (("export", store, "--format", "npz", "--out", out), {"npz"})]
+              (("export", store, "--format", "npz", "--out", out), {"npz"}),
+              (("gc", store, "--dry-run"), {"scan", "unreferenced"})]
     for args, expected in checks:
         proc = erstore_cli(*args)
         seen = phases(proc.stderr, args[0])
