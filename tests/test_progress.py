@@ -140,7 +140,7 @@ def test_cli_phases_report_plain_lines_on_stderr_and_nothing_on_stdout(tiny_bert
                         "--max-length", 64, "--batch-size", 2)
     seen = phases(build.stderr, "build")
     assert set(seen) == {"load model", "read", "compute", "commit"}, build.stderr
-    for name, lines in seen.items():
+    for lines in seen.values():
         assert "started" in lines[0] and " done" in lines[-1], lines
     assert any(f"/{len(SENTENCES)} sequences (" in line for line in seen["compute"])  # total known once read
     assert seen["read"][-1].startswith(f"build: read done: {len(SENTENCES)} documents in ")
