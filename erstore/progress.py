@@ -139,7 +139,9 @@ class Reporter:
         self.name = name
         self.stream = stream
         self.mode = resolve(progress, stream)
-        self.interval = interval_seconds() if interval is None else float(interval)
+        if interval is None:  # read only when lines are printed: --quiet never fails on the variable
+            interval = interval_seconds() if self.mode == "lines" else DEFAULT_SECONDS
+        self.interval = float(interval)
 
     @property
     def enabled(self) -> bool:
@@ -168,9 +170,14 @@ class Reporter:
             self._line(message)
 
     def _line(self, text: str) -> None:
-        out = self._out()
-        out.write(text + "\n")
-        out.flush()
+        if self.mode == "off":
+            return
+        try:
+            out = self._out()
+            out.write(text + "\n")
+            out.flush()
+        except (OSError, ValueError):  # stderr closed (a pipe whose reader left): never end the work for it
+            self.mode = "off"
 
 
 class Phase:

@@ -60,6 +60,17 @@ def test_a_failed_phase_says_it_stopped():
     assert lines_of(out)[-1].startswith("copy: sequences stopped after 2 sequences in ")
 
 
+def test_a_closed_stderr_turns_lines_off_instead_of_failing_the_work():
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError("the reader left")
+
+    r = Reporter("build", "lines", stream=Gone(), interval=0)
+    with r.phase("compute", total=3, unit="sequences") as p:
+        p.update(3)
+    assert r.mode == "off"
+
+
 def test_off_mode_prints_nothing():
     out = io.StringIO()
     r = Reporter("build", False, stream=out, interval=0)
