@@ -58,6 +58,7 @@ from .sweep import (
     run_row,
     trivial_score,
 )
+from erstore import progress as _progress
 from erstore.errors import IncompatibleStoreError, InvalidInputError
 from erstore.extras import require
 
@@ -273,7 +274,7 @@ def resolve_stores(sources: str | Path | erstore.Store | Iterable[Any]) -> list[
 
 def choose_layer(stores: Any, *, task: str, train: Any, dev: Any, budget: Budget = Budget(),  # noqa: B008 (frozen)
                  tolerance: float = 0.5, reference: str = "auto", adapters: int | None = None,
-                 o_label: int | None = None, progress: Callable[[str], None] | None = None,
+                 o_label: int | None = None, progress: Callable[[str], None] | bool | str | None = None,
                  **join: Any) -> Report:
     """Train a reduced model per candidate store (and the reference) and report the trade-off.
 
@@ -289,6 +290,9 @@ def choose_layer(stores: Any, *, task: str, train: Any, dev: Any, budget: Budget
             fine-tuned end to end on the stored token ids) or "none" (the shallowest candidate).
         adapters: also train every candidate with Houlsby adapters of this bottleneck (frozen tail).
         o_label: the NER tag id that counts as "outside" [default: id of "O" if tags are strings, else 0].
+        progress: None (silent), a callable getting one status line per step and seed, or True / a
+            mode of `erstore.progress`: status lines plus training-step progress on stderr (a bar on
+            a terminal, else a line every ERSTORE_PROGRESS_SECONDS).
         join: field names and join mode for `prepare` (by, id_field, text_field, pair_field,
             label_field, tokens_field, tags_field, question_field, context_field, answers_field).
 
@@ -300,15 +304,21 @@ def choose_layer(stores: Any, *, task: str, train: Any, dev: Any, budget: Budget
     threads = torch.get_num_threads()
     if budget.threads:
         torch.set_num_threads(budget.threads)
+    if callable(progress):
+        reporter, say = _progress.Reporter("choose", "off"), progress
+    else:
+        reporter = _progress.reporter("choose", False if progress is None else progress)
+        say = reporter.say
     try:
         return _choose(stores, task, train, dev, budget, tolerance, reference, adapters, o_label,
-                       progress or (lambda _: None), join)
+                       say, join, reporter)
     finally:
         torch.set_num_threads(threads)
 
 
 def _choose(stores: Any, task: str, train: Any, dev: Any, budget: Budget, tolerance: float, reference: str,
-            adapters: int | None, o_label: int | None, say: Callable[[str], None], join: dict[str, Any]) -> Report:
+            adapters: int | None, o_label: int | None, say: Callable[[str], None], join: dict[str, Any],
+            reporter: _progress.Reporter) -> Report:
     start = time.perf_counter()
     opened = resolve_stores(stores)
     data = prepare(opened[0], task, train, dev, budget, o_label=o_label, **join)
@@ -322,14 +332,15 @@ def _choose(stores: Any, task: str, train: Any, dev: Any, budget: Budget, tolera
         f"{epochs} epoch(s); {len(candidates)} candidate layer(s); reference: {reference}")
     ref_name = "full model" if reference == "full" else f"k={opened[0].recipe.layer}"
     runner = Runner(ref_name, task, opened[0], data.num_labels, full=reference == "full")
-    ref = run_row(runner, data, budget, layer=None if reference == "full" else opened[0].recipe.layer, progress=say)
+    ref = run_row(runner, data, budget, layer=None if reference == "full" else opened[0].recipe.layer, progress=say,
+                  reporter=reporter)
     rows = []
     for s in candidates:
         k, loaded = s.recipe.layer, None
         for bottleneck in (None, adapters) if adapters else (None,):
             name = f"k={k}" + (f" +adapters{bottleneck}" if bottleneck else "")
             loaded = Runner(name, task, s, data.num_labels, adapters=bottleneck, template=loaded)
-            rows.append(run_row(loaded, data, budget, layer=k, progress=say))
+            rows.append(run_row(loaded, data, budget, layer=k, progress=say, reporter=reporter))
 
     def finish(r: dict[str, Any], is_ref: bool) -> Result:
         r["speedup"] = None if is_ref else ref["train_s_per_epoch"] / r["train_s_per_epoch"]
@@ -410,10 +421,12 @@ def _cli() -> Any:
     @click.option("--adapters", type=int, default=None, help="Also compare Houlsby adapters of this bottleneck.")
     @click.option("--plot", "plot_path", default=None, help="Write metric vs speedup to this PNG.")
     @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+    @click.option("--quiet", is_flag=True, help="No progress output on stderr.")
     def main(stores: tuple[str, ...], task: str, train_path: str, dev_path: str, seeds: str, epochs: int,
              min_steps: int, max_train: int | None, max_dev: int | None, batch_size: int, lr: float, adapter_lr: float, threads: int | None,
              tolerance: float,
-             reference: str, adapters: int | None, plot_path: str | None, as_json: bool, **join: Any) -> None:
+             reference: str, adapters: int | None, plot_path: str | None, as_json: bool, quiet: bool,
+             **join: Any) -> None:
         """Train a reduced model per stored layer under one budget and recommend a layer to recycle."""
         try:
             if plot_path:  # fail now, not after training every candidate
@@ -423,7 +436,7 @@ def _cli() -> Any:
                             adapter_lr=adapter_lr, threads=threads)
             report = choose_layer(list(stores), task=task, train=train_path, dev=dev_path, budget=budget,
                                   tolerance=tolerance, reference=reference, adapters=adapters,
-                                  progress=None if as_json else lambda m: click.echo(m, err=True), **join)
+                                  progress=_progress.cli_mode(quiet=quiet, as_json=as_json), **join)
         except (erstore.ErstoreError, ValueError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)

@@ -34,6 +34,7 @@ from .metrics import entity_f1, squad_scores, word_f1
 from .reduced import ReducedModel
 from .tail import load_tail
 from .train import label_values, make_optimizer, run_epochs, store_batches
+from erstore import progress as _progress
 from erstore.errors import InvalidInputError, KeyNotFoundError
 from erstore.labels import (
     Examples,
@@ -257,12 +258,33 @@ class Runner:
         return PadCollate()([{"states": entries[k].states} for k in keys])
 
 
-def fit(model: torch.nn.Module, runner: Runner, data: Data, budget: Budget, *, lr: float, seed: int) -> list[float]:
-    """Train one seed with `consumers.train.run_epochs`; returns seconds of each epoch."""
+def fit(model: torch.nn.Module, runner: Runner, data: Data, budget: Budget, *, lr: float, seed: int,
+        phase: _progress.Phase | None = None) -> list[float]:
+    """Train one seed with `consumers.train.run_epochs`; returns seconds of each epoch.
+    `phase` counts the optimizer steps (for periodic progress lines during long runs)."""
     torch.manual_seed(seed)
     batches = store_batches(model, runner.store, data.train.keys, data.train_labels,
                             batch_size=budget.batch_size, shuffle=True, seed=seed)
+    if phase is not None:
+        batches = Counted(batches, phase)
     return run_epochs(model, make_optimizer(model, lr=lr), batches, budget.epochs_for(len(data.train)))[1]
+
+
+class Counted:
+    """Batches re-iterable like the wrapped ones (one pass per epoch), counting each into a Phase."""
+
+    def __init__(self, batches: Iterable[Any], phase: _progress.Phase) -> None:
+        self.batches, self.phase = batches, phase
+
+    def __iter__(self) -> Any:
+        for batch in self.batches:
+            yield batch
+            self.phase.update()
+
+
+def train_steps(data: Data, budget: Budget) -> int:
+    """Optimizer steps one seed takes (every epoch runs over all training examples)."""
+    return budget.epochs_for(len(data.train)) * max(1, math.ceil(len(data.train) / budget.batch_size))
 
 
 @torch.no_grad()
@@ -288,21 +310,30 @@ def evaluate(model: torch.nn.Module, runner: Runner, data: Data, batch_size: int
 
 
 def run_row(runner: Runner, data: Data, budget: Budget, *, layer: int | None,
-            progress: Callable[[str], None]) -> dict[str, Any]:
-    """Train and evaluate one row for every seed; raw numbers (speedups are added later)."""
+            progress: Callable[[str], None], reporter: _progress.Reporter | None = None) -> dict[str, Any]:
+    """Train and evaluate one row for every seed; raw numbers (speedups are added later).
+
+    `progress` gets one line per seed (metric, seconds); `reporter` also counts training steps,
+    so that a long run prints periodic lines (see erstore.progress).
+    """
     start = time.perf_counter()
     load = [os.getloadavg()[0]]
     lr = budget.adapter_lr if runner.adapters else budget.lr
     metrics, extras, epoch_s, batch_s = {}, [], [], []
-    for seed in budget.seeds:
-        model = runner.make(seed)
-        epoch_s += fit(model, runner, data, budget, lr=lr, seed=seed)
-        logits, per_batch = evaluate(model, runner, data, budget.eval_batch_size)
-        batch_s.append(per_batch)
-        metrics[str(seed)], extra = score(data, logits)
-        extras.append(extra)
-        load.append(os.getloadavg()[0])
-        progress(f"  {runner.name} seed {seed}: {metrics[str(seed)]:.2f}")
+    reporter = reporter or _progress.Reporter("choose", "off")
+    with reporter.phase(f"train {runner.name}", total=len(budget.seeds) * train_steps(data, budget),
+                        unit="steps") as phase:
+        for seed in budget.seeds:
+            began = time.perf_counter()
+            model = runner.make(seed)
+            epoch_s += fit(model, runner, data, budget, lr=lr, seed=seed, phase=phase)
+            logits, per_batch = evaluate(model, runner, data, budget.eval_batch_size)
+            batch_s.append(per_batch)
+            metrics[str(seed)], extra = score(data, logits)
+            extras.append(extra)
+            load.append(os.getloadavg()[0])
+            progress(f"  {runner.name} seed {seed}: {metrics[str(seed)]:.2f} "
+                     f"({_progress.duration(time.perf_counter() - began)})")
     values = list(metrics.values())
     return {"name": runner.name, "layer": layer, "adapters": runner.adapters,
             "metric": float(np.mean(values)), "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,

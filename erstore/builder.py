@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from erstore import preflight
+from erstore import preflight, progress
 from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, iter_corpus
 from erstore.errors import InvalidInputError
@@ -69,7 +69,7 @@ class BuildConfig:
     id_field: str | None = None
     words_field: str | None = None  # JSONL list of words, tokenized with is_split_into_words
     limit: int | None = None
-    progress: bool = True
+    progress: bool | str = True  # True/"auto", "bar", "lines", False/"off": see erstore.progress
     store_options: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     format: str | None = None  # corpus format; default: by file extension
@@ -159,10 +159,12 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     corpus_options = config.corpus_options()
     check_corpus(config.corpus, **corpus_options)  # a peek at the first record, before any weights
     clock.lap("check")
+    report = progress.reporter("build" if shard[1] == 1 else f"build rank {shard[0]}/{shard[1]}", config.progress)
 
     from erstore.model import LayerExtractor
 
-    extractor = LayerExtractor(config.model, device=config.device)
+    with report.phase("load model", unit=None):
+        extractor = LayerExtractor(config.model, device=config.device)
     clock.lap("load")
     writers: dict[int, StoreWriter] = {}
     try:
@@ -178,8 +180,14 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
             writers[k] = writer(path, recipe, track_new_keys=False, **config.store_options)
         docs = iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options)
         stats = _Stats()
-        buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens)
-        _compute(buffers, extractor, writers, config, stats)
+        # Reading (+ tokenizing, dedup) streams into compute: both phases run at once; compute's
+        # total becomes known when the corpus has been read.
+        with report.phase("read", total=config.limit if shard[1] == 1 else None, unit="documents",
+                          detail=lambda: f"{stats.windows:,} windows, {stats.queued:,} to compute") as reading, \
+                report.phase("compute", unit="sequences", detail=lambda: f"{stats.tokens:,} tokens, "
+                             f"{stats.tokens / max(computing.elapsed, 1e-9):,.0f} tokens/s") as computing:
+            buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens, (reading, computing))
+            _compute(buffers, extractor, writers, config, stats, computing)
         clock.laps["tokenize"] = round(stats.tokenize_s, 3)
         clock.lap("compute")
         clock.laps["compute"] = round(clock.laps["compute"] - stats.tokenize_s, 3)
@@ -188,7 +196,11 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 "seconds": clock.laps, "first_batch_s": stats.first_batch_s,
                 "write_wait_s": round(stats.write_wait_s, 3),
                 "tokens_per_second": round(stats.tokens / max(clock.laps["compute"], 1e-9), 1)}
-        committed = {k: (w.adopted_sequences, w.commit(build=info)) for k, w in writers.items()}
+        committed = {}
+        with report.phase("commit", total=len(writers), unit="stores") as committing:
+            for k, w in writers.items():
+                committed[k] = (w.adopted_sequences, w.commit(build=info))
+                committing.update()
         clock.lap("commit")
         return [BuildResult(str(writers[k].location.url), k, manifest, stats.documents, stats.windows,
                             stats.computed, resumed, clock.total, dict(clock.laps))
@@ -301,6 +313,7 @@ class _Stats:
     windows: int = 0
     computed: int = 0
     tokens: int = 0
+    queued: int = 0  # new windows handed to compute
     tokenize_s: float = 0.0
     write_wait_s: float = 0.0
     first_batch_s: float | None = None
@@ -308,12 +321,14 @@ class _Stats:
 
 
 def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,
-             buffer_tokens: int) -> Iterator[list[tuple[str, np.ndarray, int, list[int]]]]:
+             buffer_tokens: int, phases: tuple[progress.Phase, progress.Phase] | None = None,
+             ) -> Iterator[list[tuple[str, np.ndarray, int, list[int]]]]:
     """Buffers of new windows (key, ids, boundary, layers needing it), each ~`buffer_tokens` tokens.
 
     Records every document's keys with the writers. A window is new unless an earlier document
     of this corpus had it (`seen`, 16 bytes per window) or every target store already holds it.
     The first buffers are small and double, so that the first batch does not wait for a full one.
+    `phases` (read, compute): read counts documents; when the corpus is read, compute gets its total.
     """
     seen = KeySet()
     buffer: list[tuple[str, np.ndarray, int, list[int]]] = []
@@ -341,6 +356,8 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
             windows += arrays
         stats.documents += len(part)
         stats.windows += len(keys)
+        if phases:
+            phases[0].update(len(part))
         hi, lo = halves(keys)
         new = np.flatnonzero(seen.add_many(hi, lo))
         need = {k: ~w.stored(hi[new], lo[new]) for k, w in writers.items()}
@@ -350,10 +367,14 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
                 ids, b = windows[i]
                 buffer.append((keys[i], ids, b, layers))
                 tokens += len(ids)
+                stats.queued += 1
         stats.tokenize_s += time.perf_counter() - t0
         if tokens >= limit:
             yield buffer
             buffer, tokens, limit = [], 0, min(buffer_tokens, 2 * limit)
+    if phases:
+        phases[0].close()
+        phases[1].set_total(stats.queued)
     if buffer:
         yield buffer
 
@@ -410,11 +431,10 @@ def buffered_batches(buffers: Iterable[list], batch_size: int) -> Iterator[list]
 
 
 def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWriter], config: BuildConfig,
-             stats: _Stats) -> None:
+             stats: _Stats, phase: progress.Phase) -> None:
     """Run the model over the buffered windows in equal-length batches; a background thread
     appends each layer's states while the next batch computes."""
     import torch
-    from tqdm.auto import tqdm
 
     from erstore.model import to_numpy
 
@@ -422,8 +442,6 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
     codec = next(iter(writers.values())).codec
     cast = codec.dtype if codec.lossless else "float32"  # lossless: cast on the torch side (fast)
     use_types = extractor.accepts_token_types()
-    bar = tqdm(unit="seq", disable=not config.progress or None, desc="build", dynamic_ncols=True)
-    t0 = time.perf_counter()
     device = extractor.device
     behind = WriteBehind(writers)
     try:
@@ -443,10 +461,8 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
             behind.put(batch, {k: to_numpy(h, cast) for k, h in hidden.items()})
             stats.computed += len(batch)
             stats.tokens += ids.numel()
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{stats.tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+            phase.update(len(batch))
         behind.close()
     finally:
         behind.close(raise_error=False)
         stats.write_wait_s = behind.wait_s
-        bar.close()

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import click
 
 from erstore.errors import ErstoreError
+from erstore.progress import cli_mode
 
 
 def _started() -> None:
@@ -65,6 +66,10 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--region", default=None, help="S3 region [default: $AWS_REGION or us-east-1].")(fn)
     return click.option("--endpoint", default=None,
                         help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")(fn)
+
+
+def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--quiet", is_flag=True, help="No progress output on stderr.")(fn)
 
 
 def _version(value: str | None) -> int | str | None:
@@ -110,7 +115,9 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands, epilog="Distributed builds: torchrun --nproc-per-node N -m erstore.distributed "
-             "BUILD-OPTIONS (the options of `erstore build`; see docs/sharing.md).")
+             "BUILD-OPTIONS (the options of `erstore build`; see docs/sharing.md). Progress goes to stderr: a "
+             "bar on a terminal, else a plain line every ERSTORE_PROGRESS_SECONDS (10); "
+             "ERSTORE_PROGRESS=bar|lines|off forces a mode; --quiet turns it off.")
 @click.version_option(package_name="erstore")
 def main() -> None:
     """Store transformer hidden states once; train and serve reduced models on them."""
@@ -144,7 +151,7 @@ def main() -> None:
 @click.option("--words-field", default=None,
               help="Field holding a list of words (NER); the text is the words joined by spaces if absent.")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress output (see ERSTORE_PROGRESS in --help).")
 @click.option("--buffer-tokens", type=click.IntRange(min=1), default=None,
               help="Tokens of new windows held for length batching; bounds build memory [default: 1048576].")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")
@@ -174,7 +181,7 @@ def build(ctx: click.Context, **opts: Any) -> None:
         corpus=opts["corpus"] or DEFAULT_CORPUS, store=opts["store"], dtype=opts["dtype"], codec=opts["codec"],
         max_length=opts["max_length"], stride=opts["stride"], batch_size=opts["batch_size"],
         device=opts["device"], text_field=opts["text_field"], pair_field=opts["pair_field"],
-        id_field=opts["id_field"], limit=opts["limit"], progress=not opts["quiet"],
+        id_field=opts["id_field"], limit=opts["limit"], progress=cli_mode(quiet=opts["quiet"], as_json=opts["as_json"]),
         format=opts["corpus_format"], words_field=opts["words_field"],
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
         **({"buffer_tokens": opts["buffer_tokens"]} if opts["buffer_tokens"] else {}),
@@ -240,15 +247,17 @@ def versions(path: str, as_json: bool, endpoint: str | None, region: str | None)
 @click.argument("path")
 @click.option("--version", default=None, help="Version number or tag [default: newest].")
 @click.option("--json", "as_json", is_flag=True)
+@_quiet_option
 @_remote_options
 @_errors
-def verify(path: str, version: str | None, as_json: bool, endpoint: str | None, region: str | None) -> None:
+def verify(path: str, version: str | None, as_json: bool, quiet: bool, endpoint: str | None,
+           region: str | None) -> None:
     """Check every sequence against its write-time checksum; exit 1 on corruption."""
     from erstore.store import Store
     from erstore.verify import verify as run
 
     with Store(path, version=_version(version), **_remote(endpoint, region)) as store:
-        report = run(store)
+        report = run(store, progress=cli_mode(quiet=quiet, as_json=as_json))
     lines = [f"{c['key']}: {c['problem']}" for c in report.corrupt]
     lines.append(f"{'OK' if report.ok else 'CORRUPT'}: checked {report.checked} sequences, "
                  f"{len(report.corrupt)} corrupt (version {report.version})")
@@ -307,9 +316,10 @@ def diff(path: str, a: str, b: str, show_keys: bool, as_json: bool, endpoint: st
 @click.option("--src-endpoint", default=None, help="S3 endpoint of SRC only.")
 @click.option("--dst-endpoint", default=None, help="S3 endpoint of DST only.")
 @click.option("--json", "as_json", is_flag=True)
+@_quiet_option
 @_errors
 def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoint: str | None,
-         region: str | None, src_endpoint: str | None, dst_endpoint: str | None, as_json: bool) -> None:
+         region: str | None, src_endpoint: str | None, dst_endpoint: str | None, as_json: bool, quiet: bool) -> None:
     """Copy a version (or a key subset) of SRC into DST as one new version, keeping keys and recipe."""
     from pathlib import Path
 
@@ -318,7 +328,7 @@ def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoin
     keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()] if keys_file else None
     manifest = run(src, dst, version=_version(version), keys=keys,
                    src_options=_remote(src_endpoint or endpoint, region),
-                   dst_options=_remote(dst_endpoint or endpoint, region))
+                   dst_options=_remote(dst_endpoint or endpoint, region), progress=cli_mode(quiet=quiet, as_json=as_json))
     data = {"store": dst, "version": None if manifest is None else manifest.version,
             "added_sequences": 0 if manifest is None else manifest.added.sequences,
             "added_tokens": 0 if manifest is None else manifest.added.tokens}
@@ -340,10 +350,11 @@ def copy(src: str, dst: str, version: str | None, keys_file: str | None, endpoin
               help="File with one key per line: export only these sequences.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True)
+@_quiet_option
 @_remote_options
 @_errors
 def export_command(path: str, fmt: str, out: str | None, version: str | None, keys_file: str | None,
-                   overwrite: bool, as_json: bool, endpoint: str | None, region: str | None) -> None:
+                   overwrite: bool, as_json: bool, quiet: bool, endpoint: str | None, region: str | None) -> None:
     """Write keys, token ids and decoded states of a version to Parquet, safetensors or npz (streaming)."""
     from pathlib import Path
 
@@ -355,7 +366,8 @@ def export_command(path: str, fmt: str, out: str | None, version: str | None, ke
     keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()] if keys_file else None
     with Store(path, version=_version(version), cache_bytes=CACHE_BYTES, **_remote(endpoint, region)) as store:
         target = out or f"{slug(path)}-v{store.version or 0}.{fmt}"
-        r = run(store, target, format=fmt, keys=keys, overwrite=overwrite)
+        r = run(store, target, format=fmt, keys=keys, overwrite=overwrite,
+                progress=cli_mode(quiet=quiet, as_json=as_json))
     _print(r.to_dict(), as_json, f"exported {r.sequences} sequences ({r.tokens} tokens) of version {r.version} "
            f"to {r.path} ({len(r.files)} file{'s' if len(r.files) != 1 else ''})")
 
@@ -368,10 +380,11 @@ def export_command(path: str, fmt: str, out: str | None, version: str | None, ke
               help="Never delete builds that wrote anything this recently (they may still be running).")
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted and freed.")
 @click.option("--json", "as_json", is_flag=True)
+@_quiet_option
 @_remote_options
 @_errors
 def gc(path: str, keep: tuple[str, ...], keep_last: int | None, grace_hours: float, dry_run: bool,
-       as_json: bool, endpoint: str | None, region: str | None) -> None:
+       as_json: bool, quiet: bool, endpoint: str | None, region: str | None) -> None:
     """Reclaim space no kept version needs. Without --keep/--keep-last every version is kept.
 
     Tagged versions and the newest version are always kept. Dropped versions can no longer be
@@ -382,7 +395,7 @@ def gc(path: str, keep: tuple[str, ...], keep_last: int | None, grace_hours: flo
     if keep_last is not None and keep_last < 1:
         raise click.BadParameter("must be at least 1", param_hint="--keep-last")
     r = run(path, keep=list(keep), keep_last=keep_last, dry_run=dry_run, grace_hours=grace_hours,
-            **_remote(endpoint, region))
+            progress=cli_mode(quiet=quiet, as_json=as_json), **_remote(endpoint, region))
     verb = "would free" if dry_run else "freed"
     lines = [f"kept versions {r.kept_versions}; {'would drop' if dry_run else 'dropped'} {r.dropped_versions}"]
     lines += [f"{'would delete' if dry_run else 'deleted'} dead build {b}" for b in r.deleted_builds]

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from erstore import progress as _progress
 from erstore.errors import InvalidInputError, KeyNotFoundError
 from erstore.store import Entry, Store
 
@@ -70,9 +71,12 @@ def positions(store: Store, keys: Sequence[str] | None) -> np.ndarray:
     return found
 
 
-def batches(store: Store, keys: Sequence[str] | None = None, *,
-            batch_bytes: int = BATCH_BYTES) -> Iterator[list[Entry]]:
-    """Decoded entries in batches of about `batch_bytes` of float32 states (at least one sequence)."""
+def batches(store: Store, keys: Sequence[str] | None = None, *, batch_bytes: int = BATCH_BYTES,
+            phase: _progress.Phase | None = None) -> Iterator[list[Entry]]:
+    """Decoded entries in batches of about `batch_bytes` of float32 states (at least one sequence).
+
+    `phase` counts each batch's sequences once the consumer has handled it (asks for the next).
+    """
     pos = positions(store, keys)
     lengths = store.index.records["length"][pos].astype(np.int64)
     row_bytes = 4 * store.recipe.hidden_size
@@ -81,6 +85,8 @@ def batches(store: Store, keys: Sequence[str] | None = None, *,
         cum = np.cumsum(lengths[start:] * row_bytes)
         stop = start + max(1, int(np.searchsorted(cum, batch_bytes, side="right")))
         yield store.read_positions(pos[start:stop])
+        if phase is not None:
+            phase.update(stop - start)
         start = stop
 
 
@@ -91,10 +97,12 @@ def plain(states: np.ndarray) -> np.ndarray:
 
 def export(store: Store | str | os.PathLike[str], out: str | os.PathLike[str], *, format: str,
            version: int | str | None = None, keys: Sequence[str] | None = None, overwrite: bool = False,
-           batch_bytes: int = BATCH_BYTES, shard_bytes: int = SHARD_BYTES, **location_options: Any) -> ExportResult:
+           batch_bytes: int = BATCH_BYTES, shard_bytes: int = SHARD_BYTES, progress: bool | str = True,
+           **location_options: Any) -> ExportResult:
     """Write `keys` (default: every sequence) of a store version to `out` as `format`.
 
     `store` is an open Store or a path/URL (then `version` and location options apply).
+    `progress` (True or a mode of `erstore.progress`) reports the sequences written on stderr.
     Raises InvalidInputError for an unknown format or an existing `out` (unless `overwrite`),
     KeyNotFoundError for keys the version lacks.
 
@@ -109,9 +117,11 @@ def export(store: Store | str | os.PathLike[str], out: str | os.PathLike[str], *
     opened = Store(store, version=version, cache_bytes=CACHE_BYTES, **location_options) if owned else store
     partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        positions(opened, keys)  # unknown keys fail before anything is written
+        total = len(positions(opened, keys))  # unknown keys fail before anything is written
         writer = {"parquet": _parquet, "safetensors": _safetensors, "npz": _npz}[format]
-        sequences, tokens, files = writer(opened, keys, partial, batch_bytes=batch_bytes, shard_bytes=shard_bytes)
+        with _progress.reporter("export", progress).phase(format, total=total, unit="sequences") as phase:
+            sequences, tokens, files = writer(opened, keys, partial, batch_bytes=batch_bytes,
+                                              shard_bytes=shard_bytes, phase=phase)
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(partial, target)
@@ -155,12 +165,13 @@ def arrow_batch(entries: list[Entry], hidden_size: int) -> Any:
     })
 
 
-def _parquet(store: Store, keys: Any, path: Path, *, batch_bytes: int, **_: Any) -> tuple[int, int, list[str]]:
+def _parquet(store: Store, keys: Any, path: Path, *, batch_bytes: int, phase: _progress.Phase,
+             **_: Any) -> tuple[int, int, list[str]]:
     pq = _pyarrow().parquet
     writer, n, tokens = None, 0, 0
     meta = {b"erstore": json.dumps({"recipe": store.recipe.to_dict(), "version": store.version}).encode()}
     try:
-        for entries in batches(store, keys, batch_bytes=batch_bytes):
+        for entries in batches(store, keys, batch_bytes=batch_bytes, phase=phase):
             batch = arrow_batch(entries, store.recipe.hidden_size)
             if writer is None:
                 writer = _parquet_writer(pq, path, batch.schema.with_metadata(meta))
@@ -189,7 +200,7 @@ def arrow_batch_schema(hidden_size: int) -> Any:
 
 
 def _safetensors(store: Store, keys: Any, path: Path, *, batch_bytes: int, shard_bytes: int,
-                 **_: Any) -> tuple[int, int, list[str]]:
+                 phase: _progress.Phase, **_: Any) -> tuple[int, int, list[str]]:
     from safetensors.numpy import save_file
 
     path.mkdir()
@@ -207,7 +218,7 @@ def _safetensors(store: Store, keys: Any, path: Path, *, batch_bytes: int, shard
             files.append(name)
         shard, bounds, size = {}, {}, 0
 
-    for entries in batches(store, keys, batch_bytes=batch_bytes):
+    for entries in batches(store, keys, batch_bytes=batch_bytes, phase=phase):
         for e in entries:
             shard[f"states/{e.key}"] = np.ascontiguousarray(plain(e.states))
             shard[f"token_ids/{e.key}"] = np.ascontiguousarray(e.token_ids, dtype=np.int32)
@@ -220,7 +231,8 @@ def _safetensors(store: Store, keys: Any, path: Path, *, batch_bytes: int, shard
     return n, tokens, files
 
 
-def _npz(store: Store, keys: Any, path: Path, *, batch_bytes: int, **_: Any) -> tuple[int, int, list[str]]:
+def _npz(store: Store, keys: Any, path: Path, *, batch_bytes: int, phase: _progress.Phase,
+         **_: Any) -> tuple[int, int, list[str]]:
     names: list[str] = []
     bounds: list[int] = []
     tokens = 0
@@ -229,7 +241,7 @@ def _npz(store: Store, keys: Any, path: Path, *, batch_bytes: int, **_: Any) -> 
             with zf.open(name + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
-        for entries in batches(store, keys, batch_bytes=batch_bytes):
+        for entries in batches(store, keys, batch_bytes=batch_bytes, phase=phase):
             for e in entries:
                 put(f"states/{e.key}", plain(e.states))
                 put(f"token_ids/{e.key}", np.asarray(e.token_ids, dtype=np.int32))
@@ -242,13 +254,14 @@ def _npz(store: Store, keys: Any, path: Path, *, batch_bytes: int, **_: Any) -> 
 
 
 def to_hf_dataset(store: Store, keys: Sequence[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
-                  batch_bytes: int = BATCH_BYTES) -> Any:
+                  batch_bytes: int = BATCH_BYTES, progress: bool | str = True) -> Any:
     """A `datasets.Dataset` of `keys` (default all): key, token_ids, boundary, states [n, d].
 
     The rows are streamed into one Arrow file (the Parquet export's schema) under `cache_dir`
     (default: datasets' cache, folder `erstore`) and memory-mapped, not held in memory. A store
     version never changes, so the file is named by store, version and keys and reused when present.
     Needs `datasets` (pip install 'erstore[formats]'). `.with_format("numpy")` gives states as [n, d].
+    Writing the file reports progress on stderr (`progress`: True or a mode of `erstore.progress`).
     """
     try:
         import datasets
@@ -258,7 +271,7 @@ def to_hf_dataset(store: Store, keys: Sequence[str] | None = None, *, cache_dir:
 
     pa = _pyarrow()
     wanted = None if keys is None else list(keys)
-    positions(store, wanted)
+    total = len(positions(store, wanted))
     folder = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "erstore"
     h = xxhash.xxh3_128(json.dumps([store.location.url, store.version, store.recipe.to_dict()]).encode())
     for k in wanted or ():
@@ -270,12 +283,13 @@ def to_hf_dataset(store: Store, keys: Sequence[str] | None = None, *, cache_dir:
         try:
             schema = arrow_batch_schema(store.recipe.hidden_size)
             writer = None
-            for entries in batches(store, wanted, batch_bytes=batch_bytes):
-                batch = arrow_batch([Entry(e.key, plain(e.states).astype(np.float32, copy=False), e.token_ids,
-                                           e.boundary) for e in entries], store.recipe.hidden_size)
-                if writer is None:
-                    writer = pa.ipc.new_stream(str(partial), batch.schema)
-                writer.write_batch(batch)
+            with _progress.reporter("to_hf_dataset", progress).phase("arrow", total=total, unit="sequences") as phase:
+                for entries in batches(store, wanted, batch_bytes=batch_bytes, phase=phase):
+                    batch = arrow_batch([Entry(e.key, plain(e.states).astype(np.float32, copy=False), e.token_ids,
+                                               e.boundary) for e in entries], store.recipe.hidden_size)
+                    if writer is None:
+                        writer = pa.ipc.new_stream(str(partial), batch.schema)
+                    writer.write_batch(batch)
             if writer is None:
                 writer = pa.ipc.new_stream(str(partial), schema)
             writer.close()

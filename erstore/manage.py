@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from erstore import progress as _progress
 from erstore.errors import ErstoreError, InvalidInputError, StoreNotFoundError
 from erstore.integrity import refuse_symlinks_out, seal
 from erstore.keys import join_key
@@ -105,14 +106,18 @@ def diff(url: str, a: int | str, b: int | str, **options: Any) -> Diff:
 
 # -- copy -------------------------------------------------------------------------------------
 def copy(src: str, dst: str, *, version: int | str | None = None, keys: list[str] | None = None,
-         src_options: dict[str, Any] | None = None, dst_options: dict[str, Any] | None = None) -> Any:
+         src_options: dict[str, Any] | None = None, dst_options: dict[str, Any] | None = None,
+         progress: bool | str = True) -> Any:
     """Copy a version (or the sequences `keys` of it) of `src` into `dst` as one new version.
 
     `dst` is created with `src`'s recipe, or must already have the same recipe. Stored bytes,
     keys, pair boundaries and document windows are kept exactly; sequences `dst` already has
     are skipped. Returns the new `VersionManifest`, or None if `dst` had everything.
+    `progress` (True or a mode of `erstore.progress`) reports sequences copied on stderr.
     """
     from erstore.writer import StoreWriter
+
+    reporter = _progress.reporter("copy", progress)
 
     with Store(src, version=version, **(src_options or {})) as source:
         if keys is None:
@@ -127,15 +132,19 @@ def copy(src: str, dst: str, *, version: int | str | None = None, keys: list[str
                                         f"e.g. {missing[0]}")
         with StoreWriter(dst, source.recipe, **(dst_options or {})) as writer:
             todo = positions[np.asarray(writer.missing(wanted), dtype=bool)] if len(wanted) else positions
-            for start in range(0, len(todo), COPY_BATCH):
-                for e in source.read_positions(todo[start : start + COPY_BATCH]):
-                    writer.append(e.key, e.states, e.token_ids, boundary=e.boundary)
+            with reporter.phase("sequences", total=len(todo), unit="sequences") as phase:
+                for start in range(0, len(todo), COPY_BATCH):
+                    batch = source.read_positions(todo[start : start + COPY_BATCH])
+                    for e in batch:
+                        writer.append(e.key, e.states, e.token_ids, boundary=e.boundary)
+                    phase.update(len(batch))
             chosen = set(wanted)
-            for doc, doc_keys in _documents(source).items():
-                if all(k in chosen for k in doc_keys):
-                    writer.add_document(doc, doc_keys)
-            return writer.commit(build={"copied_from": source.location.url, "source_version": source.version,
-                                        "copied": int(len(todo)), "requested": len(wanted)})
+            with reporter.phase("commit", unit=None):
+                for doc, doc_keys in _documents(source).items():
+                    if all(k in chosen for k in doc_keys):
+                        writer.add_document(doc, doc_keys)
+                return writer.commit(build={"copied_from": source.location.url, "source_version": source.version,
+                                            "copied": int(len(todo)), "requested": len(wanted)})
 
 
 def _documents(store: Store) -> dict[str, list[str]]:
@@ -158,12 +167,15 @@ class GcReport:
 
 
 def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dry_run: bool = False,
-       grace_hours: float = DEFAULT_GRACE_HOURS, now: dt.datetime | None = None, **options: Any) -> GcReport:
+       grace_hours: float = DEFAULT_GRACE_HOURS, now: dt.datetime | None = None, progress: bool | str = True,
+       **options: Any) -> GcReport:
     """Delete what no kept version needs; see the module docstring for what "kept" means.
 
     Run it while no build writes to the store, or with a grace period longer than any build:
-    a running build's arrays are referenced by no version until it commits.
+    a running build's arrays are referenced by no version until it commits. `progress` (True or
+    a mode of `erstore.progress`) reports the versions scanned and builds deleted on stderr.
     """
+    reporter = _progress.reporter("gc", progress)
     location = Location.open(url, **options)
     if location.read_only:
         raise ErstoreError(f"{url} is served over HTTP and is read-only; run gc where the store lives")
@@ -184,32 +196,38 @@ def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dr
 
     needed_builds: set[str] = set()
     meta = read_meta(location)
-    for v in sorted(kept):  # every kept version's files checked, as a reader would
-        manifest = read_manifest(location, v)
-        for name in manifest.indexes:
-            relpath = f"index/{name}.idx"
-            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
-            if raw is None:
-                raise ErstoreError(f"{url}/{relpath} is missing; the store is damaged (run verify)")
-            needed_builds.add(name)
-            needed_builds.update(decode_index(raw, f"{url}/{relpath}")[1])
+    with reporter.phase("scan", total=len(kept), unit="versions") as phase:
+        for v in sorted(kept):  # every kept version's files checked, as a reader would
+            manifest = read_manifest(location, v)
+            for name in manifest.indexes:
+                relpath = f"index/{name}.idx"
+                raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
+                if raw is None:
+                    raise ErstoreError(f"{url}/{relpath} is missing; the store is damaged (run verify)")
+                needed_builds.add(name)
+                needed_builds.update(decode_index(raw, f"{url}/{relpath}")[1])
+            phase.update()
 
     report = GcReport(location.url, dry_run, sorted(kept), dropped)
     now = now or dt.datetime.now(dt.timezone.utc)
-    for build in sorted(_builds(location) - needed_builds):
-        if (now - _last_activity(location, build)).total_seconds() < grace_hours * 3600:
-            report.recent_builds.append(build)
-            continue
-        report.deleted_builds.append(build)
-        prefixes = [f"arrays/{build}/", f"journal/{build}/"]
-        report.freed_bytes += sum(location.size_of_prefix(p) for p in prefixes)
-        index_files = [k for k in location.list(f"index/{build}.")]
-        report.freed_bytes += sum(len(v or b"") for v in location.read_many(index_files))
-        if not dry_run:
-            for p in prefixes:
-                location.delete_prefix(p)
-            for k in index_files:
-                location.delete_prefix(k)
+    unreferenced = sorted(_builds(location) - needed_builds)
+    with reporter.phase("unreferenced", total=len(unreferenced), unit="builds",
+                        detail=lambda: f"{report.freed_bytes / 1e6:,.1f} MB {'to free' if dry_run else 'freed'}") as phase:
+        for build in unreferenced:
+            phase.update()
+            if (now - _last_activity(location, build)).total_seconds() < grace_hours * 3600:
+                report.recent_builds.append(build)
+                continue
+            report.deleted_builds.append(build)
+            prefixes = [f"arrays/{build}/", f"journal/{build}/"]
+            report.freed_bytes += sum(location.size_of_prefix(p) for p in prefixes)
+            index_files = [k for k in location.list(f"index/{build}.")]
+            report.freed_bytes += sum(len(v or b"") for v in location.read_many(index_files))
+            if not dry_run:
+                for p in prefixes:
+                    location.delete_prefix(p)
+                for k in index_files:
+                    location.delete_prefix(k)
     if not dry_run:
         for v in dropped:
             location.delete_prefix(version_key(v))

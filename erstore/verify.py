@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from erstore import progress as _progress
 from erstore.errors import CorruptStoreError
 from erstore.keys import join_key, window_key
 from erstore.store import Store
@@ -40,27 +41,40 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def _check_files(store: Store, report: VerifyReport) -> None:
+def _check_files(store: Store, report: VerifyReport, reporter: _progress.Reporter) -> None:
     """Every file the version's manifest records (size and xxh3), and the document maps."""
     manifest = store.manifest
     if manifest is None:
         return
-    for relpath in sorted(manifest.files):
-        try:
-            read_checked(store.location, manifest, relpath, cap=1 << 40, required=True)
-        except CorruptStoreError as e:
-            report.corrupt.append({"key": relpath, "problem": str(e)})
+    with reporter.phase("files", total=len(manifest.files), unit="files") as phase:
+        for relpath in sorted(manifest.files):
+            try:
+                read_checked(store.location, manifest, relpath, cap=1 << 40, required=True)
+            except CorruptStoreError as e:
+                report.corrupt.append({"key": relpath, "problem": str(e)})
+            phase.update()
     try:
         store.documents()
     except CorruptStoreError as e:
         report.corrupt.append({"key": "index/*.docs.json", "problem": str(e)})
 
 
-def verify(store: Store) -> VerifyReport:
-    """Check every sequence of `store`'s version; never raises for damaged data, reports it."""
+def verify(store: Store, *, progress: bool | str = True) -> VerifyReport:
+    """Check every sequence of `store`'s version; never raises for damaged data, reports it.
+
+    `progress`: True / a mode of `erstore.progress` reports the files and sequences checked on stderr.
+    """
+    reporter = _progress.reporter("verify", progress)
     report = VerifyReport(str(store.location.url), store.version)
-    _check_files(store, report)
+    _check_files(store, report, reporter)
     records = store.index.records
+    with reporter.phase("sequences", total=len(records), unit="sequences",
+                        detail=lambda: f"{len(report.corrupt):,} corrupt") as phase:
+        _check_sequences(store, records, report, phase)
+    return report
+
+
+def _check_sequences(store: Store, records: np.ndarray, report: VerifyReport, phase: _progress.Phase) -> None:
     for start in range(0, len(records), BATCH):
         positions = np.arange(start, min(start + BATCH, len(records)))
         futures = []
@@ -86,4 +100,4 @@ def verify(store: Store) -> VerifyReport:
                 report.corrupt.append({"key": key, "problem": "checksum mismatch: stored bytes changed"})
             elif window_key(tokens, int(rec["boundary"])) != key:
                 report.corrupt.append({"key": key, "problem": "token ids do not hash to the key"})
-    return report
+        phase.update(len(futures))

@@ -186,6 +186,22 @@ def test_cli_json_and_errors(layers, tmp_path):
     assert bad.exit_code == 2 and "distinct seeds" in bad.output
 
 
+def test_progress_lines_count_training_steps_and_time_each_seed(layers, monkeypatch, capsys):
+    monkeypatch.setenv("ERSTORE_PROGRESS_SECONDS", "0")
+    budget = Budget(epochs=2, seeds=(0, 1), max_train=24, max_dev=12, batch_size=8, lr=1e-3, threads=1, min_steps=0)
+    choose_layer(layers / "stores" / "layer-3", task="classification", train=layers / "train.jsonl",
+                 dev=layers / "dev.jsonl", budget=budget, reference="none", progress="lines")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    examples = int(re.match(r"\d+ train rows \((\d+) examples\)", lines[0])[1])
+    steps = 2 * 2 * -(-examples // 8)  # seeds x epochs x batches of 8
+    assert f"choose: train k=3 started: {steps} steps" in lines
+    assert any(line.startswith(f"choose: train k=3 3/{steps} steps (") for line in lines), lines
+    assert any(line.startswith(f"choose: train k=3 done: {steps} steps in ") for line in lines), lines
+    assert [bool(re.fullmatch(r"  k=3 seed \d: [\d.]+ \([\d.]+ s\)", line)) for line in lines].count(True) == 2
+
+
 def test_refuses_when_the_reference_is_untrained_or_unstable(layers):
     # lr=0: nothing trains, so the reference is no better than always answering the majority class.
     budget = Budget(epochs=1, seeds=(0, 1), max_train=24, max_dev=12, batch_size=8, lr=0.0, threads=1, min_steps=0)

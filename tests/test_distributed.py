@@ -29,8 +29,8 @@ distributed.main()
 """
 
 
-def torchrun(target, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def torchrun(target, *args, **env):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target,
            *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -61,8 +61,10 @@ def test_failed_rank_leaves_no_version_then_two_ranks_commit_one(tiny_bert, big,
         erstore.open(store, version=1)
     assert list(store.glob("journal/*/*.idx"))  # durable rows of the failed run, kept to resume
 
-    proc = torchrun(["-m", "erstore.distributed"], *options(tiny_bert, big, store))
+    proc = torchrun(["-m", "erstore.distributed"], *options(tiny_bert, big, store)[:-1], ERSTORE_PROGRESS="lines")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):  # each rank reports its own phases, named by rank
+        assert f"build rank {rank}/2: compute done: " in proc.stderr, proc.stderr
     [single] = build(BuildConfig(model=str(tiny_bert), corpus=str(big), store=str(tmp_path / "single"),
                                  layers=(2,), dtype="float32", max_length=64, batch_size=1, id_field="id",
                                  progress=False))
