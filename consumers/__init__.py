@@ -15,7 +15,7 @@ family, encoders and decoders), `registry` (model_type -> family; `register_fami
 `erstore.families` entry points add families from user code), `heads`, `lm` (decoders' LM
 head and causal-LM loss), `adapters`, `data` (dataset/collate), `reduced` (ReducedModel: save,
 load, predict), `full` (FullModel: the full fine-tuning baseline), `serving` (per-word tags and
-answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle`
+answer text), `embed` (sentence embeddings), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle`
 (save-and-recycle training: compute in epoch 1, read after),
 `cross` (cross-model recycling: a larger model's stored states feed a smaller model),
 `models.t5` (also the seq2seq reduced model). `erstore` never imports this package.
@@ -26,6 +26,7 @@ from __future__ import annotations
 from .adapters import BottleneckAdapter, add_adapters, add_lora, trainable_state_dict
 from .heads import (
     MLPHead,
+    PoolingHead,
     QuestionAnsweringHead,
     SequenceClassificationHead,
     TokenClassificationHead,
@@ -43,7 +44,7 @@ from .train import train
 
 __all__ = [
     "ENTRY_POINT_GROUP", "FAMILIES", "FullModel", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead",
-    "QuestionAnsweringHead", "RecycleReport",
+    "PoolingHead", "QuestionAnsweringHead", "RecycleReport",
     "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
     "add_adapters", "add_lora", "load_lm_head", "load_tail", "load_transformers_head", "make_head", "recipe_for",
     "register_family", "save_and_recycle", "tail_class", "train", "trainable_state_dict",
