@@ -123,8 +123,13 @@ def encode(model: Any, texts: Sequence[str] | None = None, *, store: Any, keys: 
     width = model.head.num_labels
     if not per_text:
         return np.zeros((0, width), dtype=np.float32)
-    values = model.window_logits(per_text, store=store, write_back=write_back, batch_size=batch_size)
-    out = np.stack([v[0] if len(v) == 1 else np.mean(v, axis=0) for v in values]).astype(np.float32)
+    # Longest first, as sentence-transformers orders a batch: batches of similar lengths pad little.
+    order = sorted(range(len(per_text)), key=lambda i: -sum(len(ids) for ids, _ in per_text[i]))
+    values = model.window_logits([per_text[i] for i in order], store=store, write_back=write_back,
+                                 batch_size=batch_size)
+    out = np.empty((len(per_text), width), dtype=np.float32)
+    for i, v in zip(order, values):
+        out[i] = v[0] if len(v) == 1 else np.mean(v, axis=0)
     if windows == "mean" and model.head.normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
