@@ -91,7 +91,8 @@ def encode(model: Any, texts: Sequence[str] | None = None, *, store: Any, keys: 
     """Embeddings [n, width] float32 of `texts` (or of the stored windows `keys`), in order.
 
     Args:
-        model: a model with an embedding head (`ReducedModel.for_store(store, task="embedding")`).
+        model: a model with an embedding head (`ReducedModel.for_store(store, task="embedding")`;
+            `FullModel.for_store(..., task="embedding")` runs the whole model on token ids instead).
         windows: "first" (a text is its first window, as sentence-transformers truncates) or
             "mean" (the mean of all its windows' embeddings, normalised again if the head is).
         write_back: store the windows that had to be computed (only when the head's max_length
@@ -120,7 +121,8 @@ def encode(model: Any, texts: Sequence[str] | None = None, *, store: Any, keys: 
         per_text = windower.windows_batch(list(texts)) if texts else []
         if windows == "first":
             per_text = [ws[:1] for ws in per_text]
-    width = model.head.num_labels
+    head = _head(model)
+    width = head.num_labels
     if not per_text:
         return np.zeros((0, width), dtype=np.float32)
     # Longest first, as sentence-transformers orders a batch: batches of similar lengths pad little.
@@ -130,9 +132,14 @@ def encode(model: Any, texts: Sequence[str] | None = None, *, store: Any, keys: 
     out = np.empty((len(per_text), width), dtype=np.float32)
     for i, v in zip(order, values):
         out[i] = v[0] if len(v) == 1 else np.mean(v, axis=0)
-    if windows == "mean" and model.head.normalize:
+    if windows == "mean" and head.normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
+
+
+def _head(model: Any) -> Any:
+    """The embedding head: a ReducedModel's own, or the one a FullModel keeps in its `reduced`."""
+    return model.head if hasattr(model, "head") else model.reduced.head
 
 
 def _windower(model: Any, store: Any, write_back: bool) -> Any:
@@ -141,7 +148,7 @@ def _windower(model: Any, store: Any, write_back: bool) -> Any:
     from erstore.tokenize import Windower
 
     own = windower_for(store)
-    limit = getattr(model.head, "max_length", None)
+    limit = getattr(_head(model), "max_length", None)
     if limit is None or limit == own.max_length:
         return own
     if write_back:

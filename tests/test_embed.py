@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import erstore
-from consumers import PoolingHead, ReducedModel
+from consumers import FullModel, PoolingHead, ReducedModel
 from consumers.embed import pooling_config
 from erstore.builder import BuildConfig, build
 from erstore.corpus import default_corpus
@@ -144,6 +144,11 @@ def test_build_defaults_to_the_sentence_transformers_length(tmp_path, tiny_bert,
         long_text = " ".join(SENTENCES * 6)  # the corpus' long document: many windows of 32 tokens
         expected = model.encode([long_text, SENTENCES[0]], store=store)
         assert expected.shape == (2, 32) and model._extractor is None  # first windows are stored
+        loaded = ReducedModel.load(model.save(tmp_path / "saved"))
+        assert loaded.head.config == model.head.config
+        np.testing.assert_array_equal(loaded.encode([long_text, SENTENCES[0]], store=store), expected)
+        full = FullModel.for_store(store, task="embedding")  # the whole model on token ids
+        np.testing.assert_allclose(full.encode([long_text, SENTENCES[0]], store=store), expected, atol=1e-3)
     with pytest.warns(UserWarning, match="above the max_seq_length 32"):
         [longer] = build(BuildConfig(model=str(folder), corpus=str(corpus), store=str(tmp_path / "s64"),
                                      layers=(2,), progress=False, max_length=64))
