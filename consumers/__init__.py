@@ -16,7 +16,8 @@ family, encoders and decoders), `registry` (model_type -> family; `register_fami
 head and causal-LM loss), `adapters`, `data` (dataset/collate), `reduced` (ReducedModel:
 predict, save_pretrained / from_pretrained), `pretrained` (the saved folder: config, weights,
 PEFT adapter files), `full` (FullModel: the full fine-tuning baseline), `serving` (per-word
-tags and answer text), `decode`, `metrics` (seqeval entity F1, SQuAD EM/F1), `train`, `recycle`
+tags and answer text), `embed` (sentence embeddings), `decode`, `metrics` (seqeval entity F1,
+SQuAD EM/F1), `train`, `recycle`
 (save-and-recycle training: compute in epoch 1, read after),
 `cross` (cross-model recycling: a larger model's stored states feed a smaller model),
 `models.t5` (also the seq2seq reduced model). `erstore` never imports this package.
@@ -27,6 +28,7 @@ from __future__ import annotations
 from .adapters import BottleneckAdapter, add_adapters, add_lora, merge_lora, trainable_state_dict
 from .heads import (
     MLPHead,
+    PoolingHead,
     QuestionAnsweringHead,
     SequenceClassificationHead,
     TokenClassificationHead,
@@ -44,7 +46,7 @@ from .train import train
 
 __all__ = [
     "ENTRY_POINT_GROUP", "FAMILIES", "FullModel", "LMHead", "BottleneckAdapter", "CrossModel", "MLPHead",
-    "QuestionAnsweringHead", "RecycleReport",
+    "PoolingHead", "QuestionAnsweringHead", "RecycleReport",
     "ReducedModel", "SaveAndRecycle", "SequenceClassificationHead", "Tail", "TokenClassificationHead",
     "add_adapters", "add_lora", "merge_lora", "load_lm_head", "load_tail", "load_transformers_head", "make_head", "recipe_for",
     "register_family", "save_and_recycle", "tail_class", "train", "trainable_state_dict",

@@ -109,6 +109,7 @@ def load_base(store: Any) -> tuple[nn.Module, bool, nn.Module]:
             f"store was built with {store.recipe.model_fingerprint}; load the same weights")
     # A zero-layer tail only to give the head its family style and pretrained pooler.
     head_tail = tail_class(store.recipe.model_type).from_model(extractor.model, extractor.num_layers)
+    head_tail.recipe = store.recipe  # heads that read the model's own settings (embedding, causal-lm) find it
     return extractor.model, extractor.accepts_token_types(), head_tail
 
 

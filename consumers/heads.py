@@ -18,6 +18,8 @@ one that is not `pad_token_id`; here it is the rightmost one the attention mask 
 same token for right padding (and right too when the pad id also occurs as content).
 
 `MLPHead` is the paper's baseline: a 2-layer MLP on stored final-layer states (no tail).
+`PoolingHead` makes sentence embeddings (sentence-transformers' Pooling and Normalize modules;
+`consumers.embed` reads their settings from a sentence-transformers model folder).
 """
 
 from __future__ import annotations
@@ -160,12 +162,63 @@ class MLPHead(nn.Module):
         return self.mlp(hidden_states)
 
 
+# sentence-transformers' pooling modes, in the order it concatenates several (weightedmean: not here).
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")
+
+
+class PoolingHead(nn.Module):
+    """A sentence embedding [B, len(modes) * hidden_size]: pooled final states, optionally L2-normalised.
+
+    The modes compute what sentence-transformers' `Pooling` does (over the attention mask; several
+    modes are concatenated in the order given), `normalize` what its `Normalize` module does.
+    `max_length` is the model's own `max_seq_length` (texts are embedded from their first window
+    of at most that many tokens, as sentence-transformers truncates); None: the store's windows.
+    `num_labels` is ignored (the output width follows from the modes); no parameters.
+    """
+
+    task = "embedding"
+
+    def __init__(self, hidden_size: int, num_labels: int | None = None, *, mode: str | list[str] = "mean",
+                 normalize: bool = True, max_length: int | None = None):
+        super().__init__()
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        bad = [m for m in modes if m not in POOLING_MODES]
+        if not modes or bad:
+            raise InvalidInputError(
+                f"unknown pooling mode {bad[0] if bad else mode!r}; choose from {', '.join(POOLING_MODES)} "
+                "(or a list of them, concatenated)"
+            )
+        self.modes, self.normalize, self.max_length = modes, bool(normalize), max_length
+        self.num_labels = len(modes) * hidden_size
+        self.config = {"hidden_size": hidden_size, "num_labels": self.num_labels, "mode": list(modes),
+                       "normalize": self.normalize, "max_length": max_length}
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = hidden_states
+        mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device) if attention_mask is None else attention_mask
+        out = []
+        for mode in self.modes:
+            if mode == "cls":  # the first real token
+                out.append(h[torch.arange(h.shape[0], device=h.device), mask.to(torch.int).argmax(1)])
+            elif mode == "max":
+                out.append(h.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values)
+            elif mode == "mean":
+                out.append(masked_mean(h, mask))
+            elif mode == "mean_sqrt_len_tokens":
+                m = mask.to(h.dtype).unsqueeze(-1)
+                out.append((h * m).sum(dim=1) / torch.sqrt(m.sum(dim=1).clamp(min=1e-9)))
+            else:
+                out.append(last_token(h, mask))
+        x = torch.cat(out, dim=-1)
+        return nn.functional.normalize(x, p=2, dim=-1) if self.normalize else x
+
+
 HEADS = {"sequence": SequenceClassificationHead, "token": TokenClassificationHead,
-         "qa": QuestionAnsweringHead, "mlp": MLPHead, "causal-lm": LMHead}
+         "qa": QuestionAnsweringHead, "mlp": MLPHead, "causal-lm": LMHead, "embedding": PoolingHead}
 
 
 def make_head(kind: str, *, hidden_size: int, num_labels: int = 2, **options: Any) -> nn.Module:
-    """A head by name: sequence, token, qa, mlp or causal-lm (randomly initialised)."""
+    """A head by name: sequence, token, qa, mlp, causal-lm or embedding (randomly initialised)."""
     if kind not in HEADS:
         raise InvalidInputError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     return HEADS[kind](hidden_size, num_labels, **options)
@@ -175,6 +228,9 @@ def head_for_tail(kind: str, tail: Any, num_labels: int = 2, **options: Any) -> 
     """A head in the tail's family style, starting from the pretrained pooler where there is one.
 
     causal-lm: the pretrained LM head of the store's model (consumers.lm.load_lm_head).
+    embedding: pooling mode, normalisation and max_length default to those of the store's model
+    when it is a sentence-transformers folder (consumers.embed.pooling_config), else mean pooling,
+    normalised, over the store's windows; an explicit `mode` leaves the folder's pooling aside.
     """
     if kind == "causal-lm":
         if tail.recipe is None:
@@ -182,6 +238,16 @@ def head_for_tail(kind: str, tail: Any, num_labels: int = 2, **options: Any) -> 
         from .lm import load_lm_head
 
         return load_lm_head(tail.recipe, model=options.get("model"))
+    if kind == "embedding" and tail.recipe is not None:
+        from erstore.tokenize import sentence_transformers_length
+
+        from .embed import pooling_config
+
+        # An explicit mode skips the folder's pooling settings (and its check of the pipeline).
+        found = ({"max_length": sentence_transformers_length(tail.recipe.model_name)} if "mode" in options
+                 else pooling_config(tail.recipe.model_name) or {})
+        for name, value in found.items():
+            options.setdefault(name, value)
     if kind == "sequence":
         options.setdefault("style", tail.sequence_head)
         if options["style"] == "deberta":

@@ -6,11 +6,16 @@
   CoNLL-style score transformers' NER examples report), over per-word tags;
 - `word_f1`: micro F1 over words whose gold or predicted tag is not the O tag (used only when
   tags are bare integers without names, so entity spans cannot be read off them);
-- `squad_scores`: exact match and F1 as the official SQuAD v1.1 evaluation script computes them
-  (normalised answer text: lower case, no punctuation or articles; max over the gold answers).
+- `squad_scores`: exact match and F1 as the official SQuAD evaluation scripts compute them
+  (normalised answer text: lower case, no punctuation or articles; token F1; max over the gold
+  answers), with the SQuAD v2 rule for empty answers: a question without gold answers is
+  unanswerable (gold ""), and when the prediction or a gold answer normalises to nothing, F1 is 1
+  if both do and 0 otherwise (v1.1's script gave F1 0 with exact match 1 there). This is
+  torchmetrics' `squad` (and Hugging Face's squad_v2 rule); tests/test_metrics_squad.py checks
+  equality with torchmetrics on generated answers.
 - `token_f1`, `span_scores`: the older sub-token level scores, kept for callers of 0.x.
 
-Not here: SQuAD v2 no-answer scoring, seqeval's strict mode, or per-entity-type reports.
+Not here: SQuAD v2's no-answer probability threshold (HasAns/NoAns splits), seqeval's strict mode, or per-entity-type reports.
 """
 
 from __future__ import annotations
@@ -51,17 +56,22 @@ def word_f1(gold: Sequence[Sequence[int]], pred: Sequence[Sequence[int]], *, o_l
     return 200.0 * tp / (pred_pos + gold_pos) if pred_pos + gold_pos else 100.0
 
 
-# -- SQuAD v1.1 (the official evaluate-v1.1.py, same normalisation and token F1) ----------------
+# -- SQuAD (the official evaluate-v1.1.py normalisation and token F1, v2's empty-answer rule) -------
+_PUNCTUATION = frozenset(string.punctuation)  # ASCII only, as the official script
+
+
 def normalize_answer(s: str) -> str:
     """Lower text and remove punctuation, articles and extra whitespace."""
     s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = "".join(ch for ch in s if ch not in _PUNCTUATION)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
 
 def squad_f1(prediction: str, ground_truth: str) -> float:
     pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    if not pred or not gold:  # no answer (SQuAD v2): right only if both are empty
+        return float(pred == gold)
     common = collections.Counter(pred) & collections.Counter(gold)
     same = sum(common.values())
     if same == 0:
@@ -71,10 +81,25 @@ def squad_f1(prediction: str, ground_truth: str) -> float:
 
 
 def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> tuple[float, float]:
-    """(exact match, F1) in points: per question the best over its gold answers, then the mean."""
-    em = [max(float(normalize_answer(p) == normalize_answer(a)) for a in golds)
-          for p, golds in zip(predictions, answers)]
-    f1 = [max(squad_f1(p, a) for a in golds) for p, golds in zip(predictions, answers)]
+    """(exact match, F1) in points: per question the best over its gold answers, then the mean.
+
+    A question with no gold answers is unanswerable: only an empty prediction scores on it.
+
+    Raises:
+        InvalidInputError: no questions, or not one prediction per question.
+    """
+    if len(predictions) != len(answers) or not answers:
+        from erstore.errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"squad_scores needs one prediction per question, got {len(predictions)} predictions for "
+            f"{len(answers)} questions" + ("" if answers else " (no questions to score)")
+        )
+    em, f1 = [], []
+    for p, golds in zip(predictions, answers):
+        golds = list(golds) or [""]
+        em.append(max(float(normalize_answer(p) == normalize_answer(a)) for a in golds))
+        f1.append(max(squad_f1(p, a) for a in golds))
     return 100.0 * float(np.mean(em)), 100.0 * float(np.mean(f1))
 
 

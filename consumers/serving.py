@@ -6,7 +6,8 @@ its own way: stored/computed layer-k states for `ReducedModel`, the whole model 
 
 - `predict_words(words, store=...)`: one tag per word (token tasks), from the first sub-token of
   each word, across the windows of long documents (`consumers.decode.word_logits`);
-- `predict_answers(questions, contexts, store=...)`: answer text with character offsets (QA).
+- `predict_answers(questions, contexts, store=...)`: answer text with character offsets (QA);
+- `encode(texts, store=...)`: sentence embeddings (embedding head; `consumers.embed.encode`).
 
 Texts are tokenized exactly as the store's build did (`erstore.labels.windower_for`).
 Not here: sequence-level prediction (each model's own `predict`), batching across calls.
@@ -72,3 +73,11 @@ class Serving:
         per_text = self.window_logits([[(w.ids, w.boundary) for w in ws] for ws in detailed], store=store,
                                       write_back=write_back, batch_size=batch_size)
         return [best_answer(lg, ws, c, max_answer=max_answer) for lg, ws, c in zip(per_text, detailed, contexts)]
+
+    def encode(self, texts: Sequence[str] | None = None, *, store: Any, keys: Sequence[str] | None = None,
+               windows: str = "first", batch_size: int = 32, write_back: bool = False) -> np.ndarray:
+        """Sentence embeddings [n, d] of texts (or stored windows by key); see `consumers.embed.encode`."""
+        from .embed import encode
+
+        return encode(self, texts, store=store, keys=keys, windows=windows, batch_size=batch_size,
+                      write_back=write_back)

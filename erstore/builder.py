@@ -60,7 +60,7 @@ class BuildConfig:
     store: str | None = None  # default: ./stores/<model>-l<k>
     dtype: str = "float16"
     codec: str = "lossless"  # lossless | shuffle | int8[:scales=...] | int4[:group=N] | entropy[:step=S]; see docs/codecs.md
-    max_length: int | None = None  # default: min(512, tokenizer limit)
+    max_length: int | None = None  # default: min(512, tokenizer limit, sentence-transformers max_seq_length)
     stride: int | None = None  # default: max_length // 4
     batch_size: int = 32
     device: str = "cpu"
@@ -273,7 +273,7 @@ def _check(config: BuildConfig) -> tuple[Any, Any, list[int], Windower, Any]:
                 f"--layer {k} is out of range for {config.model!r}, which has {num_layers} layers: choose "
                 f"0..{num_layers} (hidden_states index; the middle is {num_layers // 2})"
             )
-    max_length = config.max_length if config.max_length is not None else min(512, int(tokenizer.model_max_length))
+    max_length = preflight.window_length(config.max_length, tokenizer, config.model)
     preflight.check_positions(max_length, model_config, config.model)
     preflight.check_device(config.device)
     codec = parse_codec(config.codec, dtype=config.dtype)

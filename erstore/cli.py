@@ -141,7 +141,9 @@ def main() -> None:
               help="lossless | shuffle (byte-shuffled lossless) | int8[:scales=token|channel|both] | "
               "int4[:group=64] | entropy[:step=0.2]; lossless forms store --dtype "
               "(see docs/codecs.md).")
-@click.option("--max-length", type=int, default=None, help="Tokens per window [default: min(512, model limit)].")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens per window [default: min(512, model limit); a sentence-transformers model's "
+              "max_seq_length].")
 @click.option("--stride", type=int, default=None, help="Overlap between windows [default: max-length/4].")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass.")

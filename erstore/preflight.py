@@ -34,8 +34,35 @@ def check_max_length(max_length: int | None) -> None:
     if max_length is not None and max_length < 8:
         raise InvalidInputError(
             f"--max-length must be at least 8 tokens, got {max_length}; omit it for the default "
-            "(min(512, the model's limit))"
+            "(min(512, the model's limit), or a sentence-transformers model's max_seq_length)"
         )
+
+
+def window_length(max_length: int | None, tokenizer: Any, model: Any) -> int:
+    """Tokens per window: `max_length`, or by default min(512, the tokenizer's limit), and no more
+    than a sentence-transformers model's `max_seq_length` (256 for all-MiniLM-L6-v2).
+
+    sentence-transformers truncates at max_seq_length, so with this default a document's first
+    window is exactly what the model's authors embed (consumers.embed reads it from the store).
+    An explicit longer `max_length` is allowed (the position limit is checked separately) with a
+    warning: embeddings of longer texts then need their truncated window computed, not read.
+    """
+    from erstore.tokenize import model_identity, sentence_transformers_length
+
+    limit = sentence_transformers_length(model)
+    if max_length is None:
+        default = min(512, int(tokenizer.model_max_length))
+        return default if limit is None else min(default, limit)
+    if limit is not None and max_length > limit:
+        import warnings
+
+        warnings.warn(
+            f"--max-length {max_length} is above the max_seq_length {limit} of the sentence-transformers "
+            f"model {model_identity(model) or type(model).__name__!r}: windows are longer than the model "
+            f"embeds; for an embedding store omit --max-length (or use {limit})",
+            UserWarning, stacklevel=3,
+        )
+    return max_length
 
 
 def position_limit(config: Any) -> int | None:

@@ -58,6 +58,29 @@ def model_identity(model: Any) -> str:
     return os.path.abspath(name) if name and os.path.isdir(name) else name
 
 
+def sentence_transformers_length(model: Any) -> int | None:
+    """The `max_seq_length` of a sentence-transformers model folder (sentence_bert_config.json).
+
+    sentence-transformers truncates every text there, so an embedding store built with longer
+    windows would not give the model authors' embeddings. None when the model (a name, folder or
+    loaded model, as `model_identity` resolves it) is not such a folder or does not set one.
+    """
+    try:
+        name = model_identity(model)
+        folder = resolve_model(name) if name else ""
+    except ErstoreError:
+        return None  # e.g. the packaged name without its package: load_tokenizer says so later
+    path = os.path.join(folder, "sentence_bert_config.json")
+    if not folder or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("max_seq_length")
+    except (OSError, ValueError, AttributeError) as e:
+        raise InvalidInputError(f"cannot read {path}: {e}; fix or remove the file") from e
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _is_tokenizer(obj: Any) -> bool:
     return hasattr(obj, "backend_tokenizer") or hasattr(obj, "is_fast")
 
