@@ -168,3 +168,14 @@ def test_close_gc_and_ctrl_c_leave_no_process_or_shared_memory(read_store, tmp_p
             os.kill(child, 0)
     # torch names segments torch_<pid>_...; with the file-descriptor strategy they are unlinked at once
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(tuple(f"torch_{p}_" for p in [parent, *children]))]
+
+
+def test_a_pickled_dataset_reopens_its_store_with_the_same_options(read_store):
+    # The producer process (and spawned DataLoader workers) reopen the store from the pickled
+    # dataset: same version and the same options as the caller's Store (e.g. its cache pool).
+    import pickle
+
+    ds = erstore.open(read_store, cache_bytes=0).dataset()
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._store is None and copy.store_options == {"cache_bytes": 0}
+    assert copy.store.options == {"cache_bytes": 0} and copy.store.version == ds.version

@@ -255,7 +255,7 @@ class _Mapped:
         if pin:
             try:
                 rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
-                self.pinned = int(rc) == 0
+                self.pinned = int(getattr(rc, "value", rc)) == 0  # cudaError (an enum in torch)
             except Exception:  # noqa: BLE001 (unpinned copies still work, synchronously)
                 self.pinned = False
 
