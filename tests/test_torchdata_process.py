@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import erstore
-from erstore.errors import CorruptStoreError, InvalidInputError
+from erstore.errors import CorruptStoreError, ErstoreError, InvalidInputError
 from erstore.torchdata import process
 from tests.test_torchdata import codec_stores  # noqa: F401 (a fixture)
 from tests.test_verified_reads import flip_chunk_byte
@@ -113,6 +113,18 @@ def test_a_flipped_byte_raises_corrupt_store_error_in_the_consumer(tmp_path):
         for _ in loader:
             pass
     assert any("producer process" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_a_killed_producer_process_is_an_error_not_a_hang(read_store):
+    import signal
+
+    with erstore.open(read_store).loader(batch_size=2, producer="process") as loader:
+        it = iter(loader)
+        next(it)
+        os.kill(loader._worker.process.pid, signal.SIGKILL)
+        with pytest.raises(ErstoreError, match="producer process died"):
+            for _ in it:  # the runs already sent still arrive, then the error
+                pass
 
 
 SCRIPT = """

@@ -320,7 +320,10 @@ class Worker:
         for entry in self.out:
             entry[1] = min(entry[1], self.calls)  # its remaining batches will not be handed out
         if token == self.token and self.alive():
-            self._send(("stop", token))
+            try:
+                self._send(("stop", token))
+            except ErstoreError:  # the child is gone already: nothing to stop
+                pass
 
     def alive(self) -> bool:
         return self._finalizer.alive
@@ -334,7 +337,12 @@ class Worker:
                     raise ErstoreError(f"erstore's producer process died (exit code {self.process.exitcode}); "
                                        "see its output above")
                 continue
-            msg = self.data.recv()
+            try:
+                msg = self.data.recv()
+            except EOFError:  # the child exited (killed?) without a word
+                self.process.join(timeout=1)
+                raise ErstoreError(f"erstore's producer process died (exit code {self.process.exitcode}); "
+                                   "see its output above") from None
             kind = msg[0]
             if kind == "retire":
                 self.slots.pop(msg[1]).unpin()
@@ -401,7 +409,9 @@ class Worker:
         try:
             self.commands.send(msg)
         except OSError as e:
-            raise ErstoreError(f"erstore's producer process is gone (exit code {self.process.exitcode})") from e
+            self.process.join(timeout=1)
+            raise ErstoreError(f"erstore's producer process died (exit code {self.process.exitcode}); "
+                               "see its output above") from e
 
     def close(self) -> None:
         self._finalizer()
