@@ -159,6 +159,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="process groups and /dev/shm as on Linux")
 @pytest.mark.parametrize("how", ["close-and-gc", "sigint"])
 def test_close_gc_and_ctrl_c_leave_no_process_or_shared_memory(read_store, tmp_path, how):
     script = tmp_path / "run.py"
