@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +77,27 @@ def test_slots_are_reused_and_kept_batches_stay_valid(read_store):
         assert len(worker.slots) <= process.SLOTS
 
 
-def test_resume_and_rank_shards_match_the_thread_loader(read_store):
+def test_resume_and_rank_shards_match_the_thread_loader(read_store, monkeypatch):
+    from erstore.torchdata import assemble, dataset
+
     store = erstore.open(read_store)
     options = dict(batch_size=3, shuffle=True, seed=2, rank=1, world_size=2)
     with store.loader(**options) as full:
         want = [k for b in full for k in b["keys"]]
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the consumer's process read or laid out a batch")
+
+    # Reads and layout happen in the child only: nothing of it is left to need this process's
+    # GIL, no prefetch thread runs here, and the switch interval is left alone.
+    monkeypatch.setattr(dataset.StoreDataset, "start_read", not_here)
+    monkeypatch.setattr(assemble.Group, "host_run", not_here)
+    interval = sys.getswitchinterval()
     with store.loader(**options, producer="process") as loader:
         it = iter(loader)
         head = [k for _ in range(2) for k in next(it)["keys"]]
+        assert sys.getswitchinterval() == interval
+        assert not [t for t in threading.enumerate() if t.name == "erstore-prefetch"]
         state = loader.state_dict()
         assert state["step"] == 2
         loader.load_state_dict({"epoch": 0, "step": 0})
