@@ -48,6 +48,9 @@ from erstore.torchdata.producer import Producer
 SLOTS = 4  # one being filled, one or two queued, one being handed out (plus the one just before)
 ALIGN = 64
 MIN_SLOT_BYTES = 1 << 20
+# Batches per run (and per message): more than the thread's 4, since each run costs a message
+# both ways; runs stay within the producer's RUN_VALUES padded values, so wide ones are shorter.
+RUN_BATCHES = 16
 END = "end"
 
 
@@ -294,7 +297,7 @@ class Worker:
         ctx = tmp.get_context("spawn")
         commands_r, self.commands = ctx.Pipe(duplex=False)
         self.data, data_w = ctx.Pipe(duplex=False)
-        options = {"collate": loader.collate, "run_batches": loader.run_batches}
+        options = {"collate": loader.collate, "run_batches": max(loader.run_batches, RUN_BATCHES)}
         self.process = ctx.Process(target=serve, args=(loader.dataset, loader.plan, options, commands_r, data_w),
                                    name="erstore-producer", daemon=True)
         self.process.start()
@@ -339,10 +342,10 @@ class Worker:
                 continue
             try:
                 msg = self.data.recv()
-            except EOFError:  # the child exited (killed?) without a word
-                self.process.join(timeout=1)
+            except (EOFError, OSError) as e:  # the child exited (killed?) without a word, or while
+                self.process.join(timeout=1)  # a new slot's descriptor was fetched from it
                 raise ErstoreError(f"erstore's producer process died (exit code {self.process.exitcode}); "
-                                   "see its output above") from None
+                                   "see its output above") from e
             kind = msg[0]
             if kind == "retire":
                 self.slots.pop(msg[1]).unpin()
