@@ -143,8 +143,8 @@ def count_launches(make_loader, n: int) -> dict:
 
 
 def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any], full: Any, dtype: Any, b: int,
-              batches: int, stores: dict[str, Path]) -> list[dict]:
-    """Rows for one model x compute dtype x batch size: every store side by side."""
+              batches: int, stores: dict[str, Path], producers: tuple[str, ...] = ("thread",)) -> list[dict]:
+    """Rows for one model x compute dtype x batch size: every store (and Loader producer) side by side."""
     import torch
 
     from consumers import load_tail
@@ -157,10 +157,12 @@ def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any],
     with torch.inference_mode():
         full_ms = per_batch_ms(lambda i: full(input_ids=batch_ids[i % 4], attention_mask=mask), batches)
         tail_ms = per_batch_ms(lambda i: tail(states[i % 4], mask), batches)
-        for store_name, store_path in stores.items():
-            def loader(store_path=store_path) -> Any:  # a cold cache pool each time
+        for store_name, store_path, producer in [(n, p, q) for n, p in stores.items() for q in producers]:
+            def loader(store_path=store_path, producer=producer) -> Any:  # a cold cache pool each time
+                # (producer="process": its start-up falls in per_batch_ms's untimed warm-up call)
                 return erstore.open(str(store_path)).loader(keys, batch_size=b, shuffle=True, seed=0, prefetch=4,
-                                                            device=DEVICE, dtype=dtype, drop_last=True)
+                                                            device=DEVICE, dtype=dtype, drop_last=True,
+                                                            producer=producer)
 
             with loader() as only:
                 it = endless(only)
@@ -175,6 +177,7 @@ def inference(name: str, model: str, path: str, keys: list[str], ids: list[Any],
                 recycled_ms = per_batch_ms(recycle, batches)
             delivered = b * L * tail.hidden_size * torch.empty(0, dtype=dtype).element_size()
             row = {"model": name, "compute": str(dtype).removeprefix("torch."), "batch": [b, L], "store": store_name,
+                   "producer": producer,
                    "full_ms": round(full_ms, 3), "tail_only_ms": round(tail_ms, 3),
                    "loader_only_ms": round(load_ms, 3), "recycled_ms": round(recycled_ms, 3),
                    "recycled_over_tail": round(recycled_ms / tail_ms, 3),
@@ -302,7 +305,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, corpus_file: Pa
             if len(keys) < 2 * b:
                 print(f"[{name}] only {len(keys)} windows: skipping batch {b}")
                 continue
-            out["inference"] += inference(name, model, first.location.url, keys, ids, full, dtype, b, args.batches, stores)
+            out["inference"] += inference(name, model, first.location.url, keys, ids, full, dtype, b, args.batches, stores,
+                                          tuple(args.producers.split(",")))
     extractor.model.to(torch.float32)
     del extractor, full
     if args.epochs:
@@ -321,6 +325,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="SR epochs (0: no training rows)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "erstore-bench-gpu"))
     ap.add_argument("--erstore-root", help="import erstore from this checkout instead (an A/B baseline)")
+    ap.add_argument("--producers", default="thread",
+                    help="Loader producers measured side by side: thread, process or thread,process")
     ap.add_argument("--smoke-cpu", action="store_true", help="run everything on the CPU (to check the script)")
     ap.add_argument("--corpus", help="JSONL corpus to build from (default: written from the default corpus, "
                                      "whose size depends on the Python installation's standard library)")
@@ -344,7 +350,7 @@ def main() -> None:
     print("\nmodel    compute   batch   store         tail ms  recycled ms  ratio (<=1.10)  loader GB/s  copies  kernels")
     for r in results:
         for row in r["inference"]:
-            print(f"{row['model']:<8} {row['compute']:<9} {row['batch'][0]:>5}   {row['store']:<13} "
+            print(f"{row['model']:<8} {row['compute']:<9} {row['batch'][0]:>5}   {row['store'] + ('*' if row['producer'] == 'process' else ''):<13} "
                   f"{row['tail_only_ms']:>7.2f}  {row['recycled_ms']:>11.2f}  {row['recycled_over_tail']:>14.3f}  "
                   f"{row['loader_delivered_gbs']:>11.1f}  {row.get('copies_per_batch', '-'):>6}  "
                   f"{row.get('kernel_launches_per_batch', '-'):>7}")
@@ -352,10 +358,11 @@ def main() -> None:
             t = r["training"]
             print(f"{r['model']} training: R / R on device = {t['R_over_on_device']} (<= 1.10); SR over "
                   f"{t['SR_epochs']} epochs = {t['SR_speedup']}x = {t['SR_of_theory']} of theory {t['theoretical']}")
+    print("(* producer=process)" if "process" in args.producers else "", end="")
     print(f"pinned host-to-device copy bandwidth: {h2d:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
     if args.smoke_cpu:
         return  # a check of the script, not a measurement
-    record("gpu", {"settings": {"batch_sizes": args.batch_sizes, "tokens": L, "batches": args.batches,
+    record("gpu", {"settings": {"batch_sizes": args.batch_sizes, "tokens": L, "batches": args.batches, "producers": args.producers,
                                 "stores": args.stores, "epochs": args.epochs,
                                 "erstore": str(Path(erstore.__file__).parent)},
                    "pinned_h2d_gbs": round(h2d, 2), "results": results})

@@ -225,6 +225,7 @@ class Store:
     def __init__(self, url: str | os.PathLike[str], *, version: int | str | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, **location_options: Any):
         self.location = Location.open(url, **location_options)
+        self.options = {"cache_bytes": cache_bytes, **location_options}  # to reopen it alike elsewhere
         self.meta = read_meta(self.location)
         self.recipe = self.meta.recipe
         try:

@@ -21,8 +21,9 @@ def on_host(batch: dict) -> dict:
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("decode_on_device", [True, False], ids=["decode-on-gpu", "pinned-host-decode"])
-def test_cuda_batches_equal_host_batches(read_store, decode_on_device):
+@pytest.mark.parametrize("decode_on_device, producer", [(True, "thread"), (False, "thread"), (None, "process")],
+                         ids=["decode-on-gpu", "pinned-host-decode", "process-registered-slots"])
+def test_cuda_batches_equal_host_batches(read_store, decode_on_device, producer):
     store = erstore.open(read_store)
     labels = {k: i for i, k in enumerate(store)}
     options = dict(labels=labels, batch_size=3, shuffle=True, seed=4, block_rows=16, buffer_blocks=2, prefetch=1)
@@ -30,7 +31,10 @@ def test_cuda_batches_equal_host_batches(read_store, decode_on_device):
     # All batches are kept while later ones are prepared: with prefetch=1 the pinned staging
     # buffers are reused many times, so a copy still in flight when its buffer was refilled
     # would show up as a wrong batch here.
-    gpu = list(store.loader(**options, device="cuda", decode_on_device=decode_on_device))
+    # (producer="process": one copy per run from a cudaHostRegister-ed shared slot, which goes
+    # back to the child once that copy is done.)
+    with store.loader(**options, device="cuda", decode_on_device=decode_on_device, producer=producer) as loader:
+        gpu = list(loader)
     assert len(gpu) == len(host) > 3
     torch.cuda.synchronize()
     for a, b in zip(host, gpu):
@@ -43,14 +47,15 @@ def test_cuda_batches_equal_host_batches(read_store, decode_on_device):
         check_batch(store, b)
 
 
-def test_cuda_batches_are_usable_on_the_consumers_stream(read_store):
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_cuda_batches_are_usable_on_the_consumers_stream(read_store, producer):
     # The loader copies on its own stream; the batch must be complete for work queued on the
     # consumer's current stream without any synchronize() by the consumer.
     store = erstore.open(read_store)
     expected = [float(b["hidden_states"].double().sum()) for b in store.loader(batch_size=4)]
     stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        sums = [b["hidden_states"].double().sum() for b in store.loader(batch_size=4, device="cuda")]
+    with torch.cuda.stream(stream), store.loader(batch_size=4, device="cuda", producer=producer) as loader:
+        sums = [b["hidden_states"].double().sum() for b in loader]
     stream.synchronize()
     np.testing.assert_allclose([float(s) for s in sums], expected, rtol=1e-12)
 

@@ -13,6 +13,7 @@ Modules, one responsibility each:
     assemble.py  GroupRows (where a read group's stored parts arrive) and the vectorised layout
                  of runs of batches, on the host or on the device
     producer.py  the background thread: read groups one ahead, runs of batches into a queue
+    process.py   the same in a spawned child process, runs in shared-memory slots (producer="process")
     loader.py    Loader and its epoch iterator (the consumer side)
 Not here: model code, tokenisation (see erstore.labels), multi-store mixing.
 """

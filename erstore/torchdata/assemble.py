@@ -282,6 +282,9 @@ class Assembler:
         self.keys = dataset.item_keys()
         self.d = dataset.hidden_size
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        # Where a host run's states are allocated (None: fresh memory). The process producer
+        # (erstore.torchdata.process) points it at the shared-memory slot the run goes to.
+        self.alloc: Any = None
 
     def group(self, batches: Sequence[np.ndarray], rows: GroupRows) -> Group:
         """Everything of a read group that is laid out once for all its batches."""
@@ -302,6 +305,8 @@ class Assembler:
         return out
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.alloc is not None and not self.on_device:
+            return self.alloc(shape, dtype)
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin and not self.on_device)
 
     def _gather(self, source: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

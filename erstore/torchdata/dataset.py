@@ -60,7 +60,8 @@ class StoreDataset(Dataset):
         self._store: Store | None = store if isinstance(store, Store) else Store(store, version=version, **store_options)
         self.url = self._store.location.url
         self.version = self._store.version
-        self.store_options = store_options
+        # A spawned process (the Loader's producer, DataLoader workers) reopens the store with these.
+        self.store_options = getattr(store, "options", {}) if isinstance(store, Store) else store_options
         self.dtype = dtype
         self._pid = os.getpid()
         self._local: Any = None

@@ -52,7 +52,15 @@ class Loader(Resumable):
             allocated per run, freed when the batches are).
         decode_on_device: copy the stored codes (int8 / 4-bit codes, float16 values...) to
             `device` and decode them there with torch (`erstore.torchcodecs`), instead of decoding
-            with numpy on the host and copying float32 states. Default: on for CUDA devices.
+            with numpy on the host and copying float32 states. Default: on for CUDA devices
+            (thread producer only).
+        producer: "thread" (default) prepares batches on a thread of this process; "process"
+            in a spawned child process that writes them into shared memory
+            (`erstore.torchdata.process`): delivery then does not depend on the consumer leaving
+            the GIL free (a training step with much Python), at a one-off start-up of ~1-2 s per
+            Loader (the process serves all its epochs). One epoch at a time: a new `iter()`
+            ends the previous iterator. A batch stays valid while referenced; kept batches
+            only cost fresh memory.
 
     Batches of one run are views of shared buffers: a batch you keep keeps its run's buffers alive.
 
@@ -69,9 +77,13 @@ class Loader(Resumable):
                  block_rows: int | None = None, buffer_blocks: int = 16, rank: int | None = None,
                  world_size: int | None = None, prefetch: int = 2, device: str | torch.device | None = None,
                  collate: Collate | None = None, reuse_buffers: bool = False,
-                 decode_on_device: bool | None = None):
+                 decode_on_device: bool | None = None, producer: str = "thread"):
         if prefetch < 1:
             raise InvalidInputError(f"prefetch must be at least 1, got {prefetch}")
+        if producer not in ("thread", "process"):
+            raise InvalidInputError(f"producer must be 'thread' or 'process', got {producer!r}")
+        self.producer = producer
+        self._worker: Any = None
         self.dataset = dataset if isinstance(dataset, StoreDataset) else StoreDataset(dataset)
         rank, world_size = rank_and_world(rank, world_size)
         ds = self.dataset
@@ -86,6 +98,11 @@ class Loader(Resumable):
         self.collate = collate or Collate(dtype=ds.dtype)
         self.reuse_buffers = reuse_buffers
         self.decode_on_device = self.device.type == "cuda" if decode_on_device is None else decode_on_device
+        if producer == "process":
+            if decode_on_device:
+                raise InvalidInputError("producer='process' decodes on the host; leave out decode_on_device=True "
+                                        "or use producer='thread'")
+            self.decode_on_device = False
         self.epoch, self.step = 0, 0
         self._running: weakref.WeakSet[_Epoch] = weakref.WeakSet()
 
@@ -96,14 +113,27 @@ class Loader(Resumable):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
-        epoch = _Epoch(self)
+        if self.producer == "process":
+            from erstore.torchdata.process import Worker
+
+            for running in list(self._running):
+                running.close()
+            if self._worker is None or not self._worker.alive():
+                self._worker = Worker(self)
+            epoch: Any = _ProcessEpoch(self, self._worker)
+        else:
+            epoch = _Epoch(self)
         self._running.add(epoch)
         return epoch
 
     def close(self) -> None:
-        """Stop every running prefetch thread (also happens when iterators are garbage collected)."""
+        """Stop every running prefetch thread or producer process (also happens when iterators
+        and the Loader are garbage collected)."""
         for epoch in list(self._running):
             epoch.close()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def __enter__(self) -> Loader:
         return self
@@ -212,3 +242,48 @@ class _Epoch:
     def close(self) -> None:
         """Stop and join the prefetch thread (idempotent)."""
         self._finalizer()
+
+
+class _ProcessEpoch:
+    """Iterator over one epoch's remaining batches, prepared by the Loader's producer process."""
+
+    def __init__(self, loader: Loader, worker: Any):
+        self.loader, self.worker = loader, worker
+        self.epoch, self.start = loader.epoch, loader.step
+        self.token = worker.begin(self.epoch, self.start)
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
+        self.closed = False
+        self.waited = 0.0  # seconds next() spent blocked on a batch not ready yet
+
+    def __iter__(self) -> _ProcessEpoch:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.closed:
+            raise StopIteration
+        worker = self.worker
+        worker.calls += 1
+        worker.release()
+        if not self._ready:
+            t0 = time.perf_counter()
+            try:
+                run = worker.take(self.token)
+            except BaseException:
+                self.close()
+                raise
+            self.waited += time.perf_counter() - t0
+            if isinstance(run, str):  # the end of the epoch
+                self.close()
+                if self.loader.epoch == self.epoch:
+                    self.loader.epoch, self.loader.step = self.epoch + 1, 0
+                raise StopIteration
+            self._ready.extend(run)
+        self.loader.step += 1
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        """Stop this epoch in the producer process (idempotent; the process keeps serving the Loader)."""
+        if not self.closed:
+            self.closed = True
+            self._ready.clear()
+            self.worker.stop(self.token)

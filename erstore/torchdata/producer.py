@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,23 +70,28 @@ class Producer:
         # pool, and small parallel copies on a busy 2-core box cost ~10 ms each, not ~50 us.
         torch.set_num_threads(1)
         try:
-            groups = read_groups(self.batches, self.dataset.lengths, self.group_rows)
-            pending = self._start_read(groups[0]) if groups else None
-            for g, group in enumerate(groups):
-                items = np.concatenate(group)
-                fetched = pending.result() if self.codec is None else list(pending.spans())
-                if g + 1 < len(groups):  # TensorStore reads the next group while this one is laid out
-                    pending = self._start_read(groups[g + 1])
-                laid = self.assembler.group(group, self._arrived(fetched, items))
-                budget = RUN_VALUES_DEVICE if self.on_device else RUN_VALUES
-                for run in laid.runs(self.run_batches, budget // self.dataset.hidden_size):
-                    if stop.is_set():
-                        return
-                    if not _put(out, stop, self._prepare(laid, run)):
-                        return
+            for laid, run in self.runs():
+                if stop.is_set():
+                    return
+                if not _put(out, stop, self._prepare(laid, run)):
+                    return
             _put(out, stop, END)
         except BaseException as e:  # re-raised in the consumer with this traceback
             _put(out, stop, Failure(e))
+
+    def runs(self) -> Iterator[tuple[Group, Cut]]:
+        """Every run of the epoch, with its read group's layout, in order (reads one group ahead)."""
+        groups = read_groups(self.batches, self.dataset.lengths, self.group_rows)
+        pending = self._start_read(groups[0]) if groups else None
+        for g, group in enumerate(groups):
+            items = np.concatenate(group)
+            fetched = pending.result() if self.codec is None else list(pending.spans())
+            if g + 1 < len(groups):  # TensorStore reads the next group while this one is laid out
+                pending = self._start_read(groups[g + 1])
+            laid = self.assembler.group(group, self._arrived(fetched, items))
+            budget = RUN_VALUES_DEVICE if self.on_device else RUN_VALUES
+            for run in laid.runs(self.run_batches, budget // self.dataset.hidden_size):
+                yield laid, run
 
     def _start_read(self, group: list[np.ndarray]) -> Any:
         return self.dataset.start_read(np.concatenate(group))
