@@ -183,7 +183,8 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
         # Reading (+ tokenizing, dedup) streams into compute: both phases run at once; compute's
         # total becomes known when the corpus has been read.
         with report.phase("read", total=config.limit if shard[1] == 1 else None, unit="documents",
-                          detail=lambda: f"{stats.windows:,} windows, {stats.queued:,} to compute") as reading, \
+                          detail=lambda: f"tokenized {stats.windows:,} windows; {stats.windows - stats.queued:,} "
+                          f"seen before or stored, {stats.queued:,} to compute") as reading, \
                 report.phase("compute", unit="sequences", detail=lambda: f"{stats.tokens:,} tokens, "
                              f"{stats.tokens / max(computing.elapsed, 1e-9):,.0f} tokens/s") as computing:
             buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens, (reading, computing))

@@ -155,6 +155,8 @@ def test_cli_phases_report_plain_lines_on_stderr_and_nothing_on_stdout(tiny_bert
         assert "started" in lines[0] and " done" in lines[-1], lines
     assert any(f"/{len(SENTENCES)} sequences (" in line for line in seen["compute"])  # total known once read
     assert seen["read"][-1].startswith(f"build: read done: {len(SENTENCES)} documents in ")
+    n = len(SENTENCES)  # one short window each, all new
+    assert seen["read"][-1].endswith(f"; tokenized {n} windows; 0 seen before or stored, {n} to compute")
     assert "build:" not in build.stdout and build.stdout.startswith(f"store {store} (layer 2): version 1")
 
     checks = [(("verify", store), {"files", "sequences"}),
