@@ -182,3 +182,34 @@ def test_cli_phases_report_plain_lines_on_stderr_and_nothing_on_stdout(tiny_bert
     proc = erstore_cli("verify", store, "--json", seconds="", ERSTORE_PROGRESS="lines")
     assert json.loads(proc.stdout)["ok"]
     assert [len(lines) for lines in phases(proc.stderr, "verify").values()] == [2, 2], proc.stderr
+
+
+# -- totals known cheaply -------------------------------------------------------------------------
+def test_document_count_is_known_from_metadata_and_sized_sources_only(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from erstore.corpus import document_count
+
+    pq.write_table(pa.table({"text": SENTENCES}), tmp_path / "c.parquet")
+    jsonl = write_jsonl(tmp_path / "c.jsonl", [{"text": s} for s in SENTENCES])
+    assert document_count(tmp_path / "c.parquet") == len(SENTENCES)
+    assert document_count(tmp_path / "c.parquet", limit=3) == 3
+    assert document_count(SENTENCES) == len(SENTENCES) and document_count(iter(SENTENCES)) is None
+    assert document_count(jsonl) is None and document_count(jsonl, limit=5) == 5  # would need a pass
+    assert document_count(tmp_path / "missing.jsonl") is None  # reading it reports the error
+
+
+def test_a_library_build_of_a_sized_corpus_reports_read_with_a_total(tiny_bert, tmp_path, capsys, monkeypatch):
+    import erstore
+
+    monkeypatch.setenv("ERSTORE_PROGRESS_SECONDS", "0")
+    erstore.build(model=str(tiny_bert), layers=(2,), corpus=SENTENCES, store=str(tmp_path / "s"),
+                  max_length=64, progress="lines")
+    captured = capsys.readouterr()
+    n = len(SENTENCES)
+    assert "build:" not in captured.out
+    err = captured.err.splitlines()
+    assert f"build: read started: {n} documents" in err
+    assert any(line.startswith(f"build: read {n}/{n} documents (100%)") for line in err), err
+    assert any(line.startswith(f"build: compute done: {n} sequences in ") for line in err), err
