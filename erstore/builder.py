@@ -31,7 +31,7 @@ import numpy as np
 
 from erstore import preflight, progress
 from erstore.codecs import parse_codec
-from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, iter_corpus
+from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, document_count, iter_corpus
 from erstore.errors import InvalidInputError
 from erstore.keys import fast_window_key
 from erstore.keyset import KeySet, halves
@@ -182,8 +182,10 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
         stats = _Stats()
         # Reading (+ tokenizing, dedup) streams into compute: both phases run at once; compute's
         # total becomes known when the corpus has been read.
-        with report.phase("read", total=config.limit if shard[1] == 1 else None, unit="documents",
-                          detail=lambda: f"{stats.windows:,} windows, {stats.queued:,} to compute") as reading, \
+        total = document_count(config.corpus, format=config.format, limit=config.limit) if shard[1] == 1 else None
+        with report.phase("read", total=total, unit="documents",
+                          detail=lambda: f"tokenized {stats.windows:,} windows; {stats.windows - stats.queued:,} "
+                          f"seen before or stored, {stats.queued:,} to compute") as reading, \
                 report.phase("compute", unit="sequences", detail=lambda: f"{stats.tokens:,} tokens, "
                              f"{stats.tokens / max(computing.elapsed, 1e-9):,.0f} tokens/s") as computing:
             buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens, (reading, computing))

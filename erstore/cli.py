@@ -153,7 +153,7 @@ def main() -> None:
 @click.option("--words-field", default=None,
               help="Field holding a list of words (NER); the text is the words joined by spaces if absent.")
 @click.option("--limit", type=int, default=None, help="Use only the first N documents.")
-@click.option("--quiet", is_flag=True, help="No progress output (see ERSTORE_PROGRESS in --help).")
+@click.option("--quiet", is_flag=True, help="No progress output on stderr (see `erstore --help`).")
 @click.option("--buffer-tokens", type=click.IntRange(min=1), default=None,
               help="Tokens of new windows held for length batching; bounds build memory [default: 1048576].")
 @click.option("--endpoint", default=None, help="S3-compatible endpoint URL [default: $AWS_ENDPOINT_URL or AWS].")

@@ -34,14 +34,14 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
 from erstore import corpus_files
 from erstore.corpus_files import BLOCK_ROWS, Block
 from erstore.corpus_rows import FLAGS, Document, Fields, SeenIds, documents
-from erstore.errors import InvalidInputError
+from erstore.errors import ErstoreError, InvalidInputError
 
 DEFAULT_CORPUS = "stdlib-docstrings"
 DEFAULT_CORPUS_SIZE = 4000
@@ -105,6 +105,34 @@ def check_corpus(source: Any, *, format: str | None = None, text_field: str = "t
     for _ in iter_corpus(source, format=format, text_field=text_field, pair_field=pair_field,
                          id_field=id_field, words_field=words_field, limit=1):
         return
+
+
+COUNT_FILES = 256  # document_count reads no more file footers than this
+
+
+def document_count(source: Any, *, format: str | None = None, limit: int | None = None) -> int | None:
+    """How many documents `source` yields (at most `limit`) when that is cheap to know, else None.
+
+    Known: sized in-memory sources (lists, `datasets.Dataset`, pyarrow Tables), Parquet and Arrow
+    files and `datasets` folders (row counts from their metadata), the default corpus. Unknown
+    without a pass over the data: JSONL, text, CSV and compressed files, one-shot iterables. A
+    hint for progress reporting: a source that cannot be read gives None here and fails when read.
+    """
+    count: int | None = None
+    try:
+        if _is_path(source) and os.fspath(source) == DEFAULT_CORPUS:
+            count = DEFAULT_CORPUS_SIZE
+        elif _is_path(source):
+            files = corpus_files.discover(source, format)
+            if len(files) <= COUNT_FILES and all(f.format in ("parquet", "arrow") for f in files):
+                count = sum(corpus_files.row_count(f) for f in files)
+        elif isinstance(source, Sized) and not isinstance(source, (bytes, bytearray, Mapping)):
+            count = len(source)
+    except (ErstoreError, OSError, TypeError, ValueError):
+        count = None  # reading the corpus reports the problem with its file and fix
+    if limit is not None:
+        return limit if count is None else min(count, limit)
+    return count
 
 
 def corpus_label(source: Any) -> str:

@@ -209,6 +209,13 @@ def units(f: CorpusFile, world: int) -> list[tuple[Any, float]]:
     return [(i, float(nbytes)) for i, _, nbytes in _arrow_batches(f.path)]
 
 
+def row_count(f: CorpusFile) -> int:
+    """Rows of a Parquet or Arrow file, from its metadata (no data is read)."""
+    if f.format == "parquet":
+        return int(_pyarrow("Parquet").parquet.ParquetFile(f.path).metadata.num_rows)
+    return sum(n for _, n, _ in _arrow_batches(f.path))
+
+
 def _arrow_batches(path: Path) -> list[tuple[int, int, int]]:
     """(index, rows, bytes) of each record batch (memory-mapped: metadata only, no copy)."""
     return [(i, b.num_rows, b.nbytes) for i, b in enumerate(_arrow_reader(path))]

@@ -6,13 +6,14 @@ the work calls `phase.update(n)` as it goes. What the user sees depends on the m
 - "bar": a tqdm bar per phase (a terminal, or a notebook);
 - "lines": plain lines, one when a phase starts, one every `ERSTORE_PROGRESS_SECONDS` (10 s)
   while it runs, and a summary when it ends, e.g.
-  `build: compute 12,345/40,000 sequences (31%), 2,100 sequences/s, eta 13 s; 1,580,160 tokens`
+  `build: compute 12,345/40,000 sequences (31%), 2,100 sequences/s, eta 13 s, 5.9 s elapsed; 790,080 tokens, ...`
   (stderr redirected to a file or a pipe: a build logged to a file shows that it is alive);
 - "off": nothing (`--quiet`, `progress=False`).
 
 "auto" (the default) is "bar" when stderr is a terminal or a notebook runs us, else "lines". The
 environment variable `ERSTORE_PROGRESS=bar|lines|off` overrides "auto" (it does not override an
-explicit mode or `--quiet`). Progress never goes to stdout: stdout carries `--json` output.
+explicit mode or `--quiet`). Progress never goes to stdout: stdout carries `--json` output, and
+`--json` commands print no plain lines unless `ERSTORE_PROGRESS` asks for them (`cli_mode`).
 
 Cheap by construction: `update` adds to a counter and compares `time.monotonic()` (~50 ns) with
 the time the next line is due; nothing is formatted until a line is due, and the optional
