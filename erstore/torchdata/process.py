@@ -212,9 +212,9 @@ class _Child:
                 self.next_id += 1
                 return slot
             if self.free:  # all free slots are too small: retire one to make room
-                ident = self.free.pop(0)
-                del self.pool[ident]
-                self.data.send(("retire", ident))
+                retired = self.pool.pop(self.free.pop(0))
+                if retired.sent:  # the consumer maps it: let it unmap it
+                    self.data.send(("retire", retired.id))
                 continue
             self._command(block=True)
 
@@ -348,7 +348,9 @@ class Worker:
                                    "see its output above") from e
             kind = msg[0]
             if kind == "retire":
-                self.slots.pop(msg[1]).unpin()
+                retired = self.slots.pop(msg[1], None)
+                if retired is not None:
+                    retired.unpin()
             elif kind == "run":
                 _, tok, ident, tensor, described = msg
                 if tensor is not None:
