@@ -438,6 +438,8 @@ def _stop(process: Any, commands: Any, data: Any, slots: dict[int, _Mapped]) -> 
     if process.is_alive():
         process.kill()
         process.join()
+    if any(slot.pinned for slot in slots.values()):
+        torch.cuda.synchronize()  # no copy from a slot may still run when it is unregistered
     for slot in slots.values():
         slot.unpin()
     slots.clear()
