@@ -358,7 +358,8 @@ def main() -> None:
             t = r["training"]
             print(f"{r['model']} training: R / R on device = {t['R_over_on_device']} (<= 1.10); SR over "
                   f"{t['SR_epochs']} epochs = {t['SR_speedup']}x = {t['SR_of_theory']} of theory {t['theoretical']}")
-    print("(* producer=process)" if "process" in args.producers else "", end="")
+    if "process" in args.producers:
+        print("(store* : Loader(producer='process'))")
     print(f"pinned host-to-device copy bandwidth: {h2d:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
     if args.smoke_cpu:
         return  # a check of the script, not a measurement

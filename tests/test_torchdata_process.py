@@ -63,18 +63,75 @@ def test_slots_are_reused_and_kept_batches_stay_valid(read_store):
     with store.loader(**options) as thread_loader:
         want = [list(thread_loader) for _ in range(3)]
     with store.loader(**options, producer="process") as loader:
-        worker = None
+        left = []
         for epoch in range(3):
             kept = []
             for i, batch in enumerate(loader):
-                worker = loader._worker
                 if epoch == 1 and i % 3 == 0:
                     kept.append((i, batch))
                 else:
                     assert_same([want[epoch][i]], [batch])
             if epoch == 1:  # checked after the epoch, when their slots' runs have long moved on
                 assert_same([want[1][i] for i, _ in kept], [b for _, b in kept])
-        assert len(worker.slots) <= process.SLOTS
+            left.append(loader._worker.left)
+            assert len(loader._worker.slots) <= process.SLOTS
+        # epoch 0 reuses its slots; epoch 1 leaves the kept batches' slots to them; epoch 2 reuses
+        assert left[0] == 0 and left[1] > 0 and left[2] == left[1]
+
+
+class _Pipe:
+    """The two pipes of a producer process, in this process: what the child sends is cut into
+    batches (and cloned) at once, and its slot given straight back."""
+
+    def __init__(self):
+        self.commands: list[tuple] = []
+        self.slots: dict[int, torch.Tensor] = {}
+        self.batches: list[dict] = []
+        self.retired = 0
+
+    def poll(self) -> bool:
+        return bool(self.commands)
+
+    def recv(self) -> tuple:
+        return self.commands.pop(0)
+
+    def send(self, msg: tuple) -> None:
+        if msg[0] == "retire":
+            self.retired += 1
+            del self.slots[msg[1]]
+        elif msg[0] == "run":
+            _, _, ident, tensor, described = msg
+            if tensor is not None:
+                self.slots[ident] = tensor
+            for b in process._views(self.slots[ident], {}, described):
+                self.batches.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+            self.commands.append(("free", ident))
+        elif msg[0] == "fail":
+            raise msg[2]
+
+
+@pytest.mark.parametrize("min_slot", [process.MIN_SLOT_BYTES, 64], ids=["estimated", "too-small-slots"])
+def test_child_slots_in_this_process(read_store, monkeypatch, min_slot):
+    # The child's side without a process: runs laid out straight into slots (or, when a slot
+    # turns out too small, copied into a larger one after retiring a small one) give the
+    # thread's batches.
+    monkeypatch.setattr(process, "MIN_SLOT_BYTES", min_slot)
+    if min_slot == 64:  # every run starts in a slot too small for it; one slot at most
+        monkeypatch.setattr(process._Child, "_need", staticmethod(lambda *a: 1))
+        monkeypatch.setattr(process, "SLOTS", 1)
+    store = erstore.open(read_store)
+    labels = {k: {"labels": i % 3, "pair": [i, -i]} for i, k in enumerate(store)}
+    options = dict(labels=labels, batch_size=3, shuffle=True, seed=1)
+    want = list(store.loader(**options))
+    loader = store.loader(**options, producer="process")
+    pipe = _Pipe()
+    child = process._Child(loader.dataset, loader.plan, {"collate": loader.collate, "run_batches": 2}, pipe, pipe)
+    child.token = 1
+    child._epoch(0, 0)
+    assert_same(want, pipe.batches)
+    assert len(child.pool) <= process.SLOTS
+    if min_slot == 64:  # slots were retired to make room for larger ones
+        assert child.next_id > process.SLOTS and min(s.capacity for s in child.pool.values()) > 64
 
 
 def test_resume_and_rank_shards_match_the_thread_loader(read_store, monkeypatch):

@@ -262,7 +262,6 @@ class _ProcessEpoch:
         if self.closed:
             raise StopIteration
         worker = self.worker
-        worker.calls += 1
         worker.release()
         if not self._ready:
             t0 = time.perf_counter()
@@ -279,6 +278,7 @@ class _ProcessEpoch:
                 raise StopIteration
             self._ready.extend(run)
         self.loader.step += 1
+        worker.handed += 1
         return self._ready.popleft()
 
     def close(self) -> None:

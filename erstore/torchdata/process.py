@@ -212,9 +212,9 @@ class _Child:
                 self.next_id += 1
                 return slot
             if self.free:  # all free slots are too small: retire one to make room
-                ident = self.free.pop(0)
-                del self.pool[ident]
-                self.data.send(("retire", ident))
+                retired = self.pool.pop(self.free.pop(0))
+                if retired.sent:  # the consumer maps it: let it unmap it
+                    self.data.send(("retire", retired.id))
                 continue
             self._command(block=True)
 
@@ -307,9 +307,10 @@ class Worker:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.slots: dict[int, _Mapped] = {}
-        # Slots whose batches are out: (slot, call that hands out its last batch, copy event).
+        # Slots whose batches are out: (slot, number of its last batch, copy event).
         self.out: collections.deque[list[Any]] = collections.deque()
-        self.calls = 0  # next() calls so far, all epochs
+        self.handed = 0  # batches handed out so far, all epochs (each one's number)
+        self.left = 0  # slots left to batches the user kept
         self.token = 0
         self._finalizer = weakref.finalize(self, _stop, self.process, self.commands, self.data, self.slots)
 
@@ -321,7 +322,7 @@ class Worker:
 
     def stop(self, token: int) -> None:
         for entry in self.out:
-            entry[1] = min(entry[1], self.calls)  # its remaining batches will not be handed out
+            entry[1] = min(entry[1], self.handed - 1)  # its remaining batches will not be handed out
         if token == self.token and self.alive():
             try:
                 self._send(("stop", token))
@@ -348,7 +349,9 @@ class Worker:
                                    "see its output above") from e
             kind = msg[0]
             if kind == "retire":
-                self.slots.pop(msg[1]).unpin()
+                retired = self.slots.pop(msg[1], None)
+                if retired is not None:
+                    retired.unpin()
             elif kind == "run":
                 _, tok, ident, tensor, described = msg
                 if tensor is not None:
@@ -364,7 +367,7 @@ class Worker:
 
     def _batches(self, ident: int, described: list[dict[str, Any]]) -> list[dict[str, Any]]:
         slot = self.slots[ident]
-        last = self.calls + len(described) - 1
+        last = self.handed + len(described) - 1
         if not self.cuda:
             self.out.append([ident, last, None])
             return _views(slot.tensor, slot.typed, described)
@@ -390,7 +393,7 @@ class Worker:
                     if not waiting:
                         return
                     event.synchronize()
-            elif last > self.calls - 2:  # the batch before the current one may still be held
+            elif last > self.handed - 2:  # the last batch handed out may still be held (a loop variable)
                 return
             self.out.popleft()
             slot = self.slots.get(ident)
@@ -398,6 +401,7 @@ class Worker:
                 continue
             if event is None and self._held(slot):
                 del self.slots[ident]  # the user's tensors keep its memory alive
+                self.left += 1
                 self._send(("drop", ident))
             else:
                 self._send(("free", ident))
@@ -434,6 +438,8 @@ def _stop(process: Any, commands: Any, data: Any, slots: dict[int, _Mapped]) -> 
     if process.is_alive():
         process.kill()
         process.join()
+    if any(slot.pinned for slot in slots.values()):
+        torch.cuda.synchronize()  # no copy from a slot may still run when it is unregistered
     for slot in slots.values():
         slot.unpin()
     slots.clear()
