@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -28,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from erstore import preflight
 from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, iter_corpus
+from erstore.docmap import entry_line, line_keys
 from erstore.errors import InvalidInputError
 from erstore.keys import fast_window_key
 from erstore.keyset import KeySet, halves
@@ -176,8 +179,9 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 config=extractor.config.to_diff_dict(),
             )
             writers[k] = writer(path, recipe, track_new_keys=False, **config.store_options)
-        docs = iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options)
         stats = _Stats()
+        docs = _resume(lambda: iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options),
+                       writers, stats)
         buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens)
         _compute(buffers, extractor, writers, config, stats)
         clock.laps["tokenize"] = round(stats.tokenize_s, 3)
@@ -187,6 +191,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 "computed": stats.computed, "computed_tokens": stats.tokens, "device": config.device,
                 "seconds": clock.laps, "first_batch_s": stats.first_batch_s,
                 "write_wait_s": round(stats.write_wait_s, 3),
+                "tokenized_documents": stats.documents - stats.skipped, "skipped_documents": stats.skipped,
                 "tokens_per_second": round(stats.tokens / max(clock.laps["compute"], 1e-9), 1)}
         committed = {k: (w.adopted_sequences, w.commit(build=info)) for k, w in writers.items()}
         clock.lap("commit")
@@ -305,18 +310,63 @@ class _Stats:
     write_wait_s: float = 0.0
     first_batch_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    skipped: int = 0  # documents of an interrupted build's durable input, not tokenized again
+    seen: KeySet = field(default_factory=KeySet)  # every window key of this corpus so far
+    hasher: Any = field(default_factory=xxhash.xxh3_128)  # of the documents read so far
+    # documents read -> (digest of them, {layer: document-map bytes}) at each slice boundary
+    # not yet behind the durable frontier: what a resume point records (see `buffered_batches`)
+    boundaries: dict[int, tuple[str, dict[int, int]]] = field(default_factory=dict)
+
+    def boundary(self, writers: dict[int, StoreWriter]) -> None:
+        self.boundaries[self.documents] = (self.hasher.hexdigest(), {k: w.docs_bytes for k, w in writers.items()})
+
+
+def _hash_document(hasher: Any, doc: Any) -> None:
+    """What decides a document's windows and map entry: id, text, pair and words."""
+    words = None if doc.words is None else list(doc.words)
+    hasher.update(json.dumps([doc.id, doc.text, doc.pair, words], ensure_ascii=False).encode())
+
+
+def _resume(open_corpus: Callable[[], Iterator[Any]], writers: dict[int, StoreWriter], stats: _Stats) -> Iterator[Any]:
+    """The corpus, past the documents an interrupted build made durable (read, not tokenized).
+
+    The newest resume point that every layer's store offers (see erstore.journal) is taken if
+    this corpus starts with the same documents (same digest); their map entries come from the
+    journal and their window keys refill `stats.seen`. Otherwise the corpus is read from the start.
+    """
+    offers = [{(p.documents, p.digest): p for p in w.journals.points} for w in writers.values()]
+    common = set.intersection(*(set(o) for o in offers)) if offers else set()
+    docs = open_corpus()
+    if common:
+        documents, digest = max(common)
+        n = 0
+        for doc in itertools.islice(docs, documents):
+            _hash_document(stats.hasher, doc)
+            n += 1
+        if n == documents and stats.hasher.hexdigest() == digest:
+            for w in writers.values():
+                lines = w.resume({(p.documents, p.digest): p for p in w.journals.points}[(documents, digest)])
+            keys = [key for line in lines.splitlines() for key in line_keys(line)]
+            if keys:
+                stats.seen.add_many(*halves(keys))
+            stats.documents, stats.windows, stats.skipped = documents, len(keys), documents
+        else:  # another corpus (or changed): read it whole
+            docs, stats.hasher = open_corpus(), xxhash.xxh3_128()
+    stats.boundary(writers)
+    return docs
 
 
 def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,
-             buffer_tokens: int) -> Iterator[list[tuple[str, np.ndarray, int, list[int]]]]:
-    """Buffers of new windows (key, ids, boundary, layers needing it), each ~`buffer_tokens` tokens.
+             buffer_tokens: int) -> Iterator[tuple[list[tuple[str, np.ndarray, int, list[int], int]], int]]:
+    """Buffers of new windows (key, ids, boundary, layers needing it, documents read before its
+    slice), each ~`buffer_tokens` tokens, and the documents read by the end of each buffer.
 
     Records every document's keys with the writers. A window is new unless an earlier document
-    of this corpus had it (`seen`, 16 bytes per window) or every target store already holds it.
-    The first buffers are small and double, so that the first batch does not wait for a full one.
+    of this corpus had it (`stats.seen`, 16 bytes per window) or every target store already holds
+    it. The first buffers are small and double, so that the first batch does not wait for a full one.
     """
-    seen = KeySet()
-    buffer: list[tuple[str, np.ndarray, int, list[int]]] = []
+    seen = stats.seen
+    buffer: list[tuple[str, np.ndarray, int, list[int], int]] = []
     tokens, limit = 0, min(buffer_tokens, FIRST_BUFFER_TOKENS)
     it = iter(docs)
     while True:
@@ -330,16 +380,22 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
             raise InvalidInputError("some documents have a text pair and some do not; give all or none")
         keys: list[str] = []
         windows: list[tuple[np.ndarray, int]] = []
+        lines: list[bytes] = []
         split = part[0].words is not None  # pre-tokenized (--words-field)
         texts = [d.words for d in part] if split else [d.text for d in part]
         for doc, doc_windows in zip(part, windower.windows_batch(texts, pairs, split_words=split)):
             arrays = [(np.array(ids, dtype="<u4"), b) for ids, b in doc_windows]
             doc_keys = [fast_window_key(ids, b) for ids, b in arrays]
-            for w in writers.values():
-                w.add_document(doc.id, doc_keys)
+            lines.append(entry_line(str(doc.id), doc_keys))
+            _hash_document(stats.hasher, doc)
             keys += doc_keys
             windows += arrays
+        block = b"".join(lines)
+        for w in writers.values():
+            w.add_document_lines(block, len(part))
+        first = stats.documents
         stats.documents += len(part)
+        stats.boundary(writers)
         stats.windows += len(keys)
         hi, lo = halves(keys)
         new = np.flatnonzero(seen.add_many(hi, lo))
@@ -348,14 +404,14 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
             layers = [k for k in writers if need[k][j]]
             if layers:
                 ids, b = windows[i]
-                buffer.append((keys[i], ids, b, layers))
+                buffer.append((keys[i], ids, b, layers, first))
                 tokens += len(ids)
         stats.tokenize_s += time.perf_counter() - t0
         if tokens >= limit:
-            yield buffer
+            yield buffer, stats.documents
             buffer, tokens, limit = [], 0, min(buffer_tokens, 2 * limit)
     if buffer:
-        yield buffer
+        yield buffer, stats.documents
 
 
 class _Clock:
@@ -391,11 +447,25 @@ def length_batches(todo: list, batch_size: int) -> list[list]:
     return batches
 
 
-def buffered_batches(buffers: Iterable[list], batch_size: int) -> Iterator[list]:
+@dataclass(frozen=True)
+class Frontier:
+    """Every window of the first `documents` input documents has been yielded in a batch."""
+
+    documents: int
+
+
+def buffered_batches(buffers: Iterable[list], batch_size: int, *, frontiers: bool = False) -> Iterator[list]:
     """Equal-length batches formed within each buffer; a length's last partial batch waits for
-    the next buffer (so batches stay full), unless the waiting rows exceed one buffer."""
+    the next buffer (so batches stay full), unless the waiting rows exceed one buffer.
+
+    `frontiers`: buffers come as (rows, documents read) with each row's 5th field the documents
+    read before its own; after each buffer a `Frontier` says how far the input is fully batched
+    (the oldest row still waiting holds it back).
+    """
     carry: list = []
     for buffer in buffers:
+        if frontiers:
+            buffer, read = buffer
         todo = carry + buffer
         carry = []
         for batch in length_batches(todo, batch_size):
@@ -406,6 +476,8 @@ def buffered_batches(buffers: Iterable[list], batch_size: int) -> Iterator[list]
         if sum(len(t[1]) for t in carry) > sum(len(t[1]) for t in buffer):
             yield from length_batches(carry, batch_size)
             carry = []
+        if frontiers:
+            yield Frontier(min((t[4] for t in carry), default=read))  # type: ignore[list-item]
     yield from length_batches(carry, batch_size)
 
 
@@ -427,7 +499,14 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
     device = extractor.device
     behind = WriteBehind(writers)
     try:
-        for batch in buffered_batches(buffers, config.batch_size):
+        for batch in buffered_batches(buffers, config.batch_size, frontiers=True):
+            if isinstance(batch, Frontier):
+                # A resume point (erstore.journal): journaled once its rows are durable.
+                digest, docs_bytes = stats.boundaries[batch.documents]
+                for n in [n for n in stats.boundaries if n < batch.documents]:
+                    del stats.boundaries[n]
+                behind.mark(batch.documents, digest, docs_bytes)
+                continue
             if stats.first_batch_s is None:
                 stats.first_batch_s = round(time.perf_counter() - stats.started, 3)
             ids = torch.from_numpy(np.stack([t[1] for t in batch]).astype(np.int64))
@@ -435,7 +514,7 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
             types = None
             if use_types:
                 types = torch.zeros_like(ids)
-                for row, (_, _, boundary, _) in enumerate(batch):
+                for row, (_, _, boundary, *_) in enumerate(batch):
                     if boundary:
                         types[row, boundary:] = 1
             hidden = extractor(ids.to(device), mask.to(device),

@@ -12,7 +12,7 @@ could skip a window that was never computed; exactness matters more).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -80,6 +80,12 @@ class KeySet:
             idx = np.flatnonzero(new)
             self._push(hi[idx], lo[idx])
         return new
+
+    def runs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every key, as sorted (hi, lo) arrays (one pair per run)."""
+        if self._pending:
+            self._flush_pending()
+        yield from self._runs
 
     def add(self, key: str) -> None:
         self._pending.add(split_key(key))

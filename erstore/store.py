@@ -207,11 +207,11 @@ def load_index(location: Location, manifest: VersionManifest | None, *, meta: St
     required = meta is not None and meta.verified
     parts = []
     for name in manifest.indexes:
-        relpath = f"index/{name}.idx"
-        raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
-        if raw is None:
-            raise damaged(f"{location.url}/{relpath}", "is missing")
-        parts.append(decode_index(raw, f"{location.url}/{relpath}"))
+        for relpath in manifest.index_paths(name):  # one file, or a large build's parts (format 3)
+            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
+            if raw is None:
+                raise damaged(f"{location.url}/{relpath}", "is missing")
+            parts.append(decode_index(raw, f"{location.url}/{relpath}"))
     index = KeyIndex.merge(parts)
     if meta is not None:
         check_index(index, manifest, meta.recipe, f"{location.url}/{version_key(manifest.version)}")
@@ -325,10 +325,12 @@ class Store:
         if self.manifest is None:
             return docs
         for n in self.manifest.indexes:
-            relpath = f"index/{n}.docs.json"
-            raw = read_checked(self.location, self.manifest, relpath, cap=index_cap(self.manifest) * 64,
-                               required=self.meta.verified)
-            for doc, keys in check_documents(raw, f"{self.location.url}/{relpath}").items():
+            build: dict[str, list[str]] = {}
+            for relpath in self.manifest.docs_paths(n):  # a large build's map comes in parts
+                raw = read_checked(self.location, self.manifest, relpath, cap=index_cap(self.manifest) * 64,
+                                   required=self.meta.verified)
+                build.update(check_documents(raw, f"{self.location.url}/{relpath}"))
+            for doc, keys in build.items():  # an earlier build's entry wins, as its records do
                 docs.setdefault(doc, keys)
         return docs
 
