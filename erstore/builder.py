@@ -77,6 +77,9 @@ class BuildConfig:
     tokenizer: Any = None
     format: str | None = None  # corpus format; default: by file extension
     buffer_tokens: int = BUFFER_TOKENS  # bounds build memory: see the module docstring
+    # Fix glibc's mmap threshold for this process (see `_fixed_mmap_threshold`): a process-wide
+    # setting, so off unless asked; the `erstore build` CLI turns it on.
+    tune_malloc: bool = False
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, int) else self.layers
@@ -148,7 +151,8 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     so that this process reads only its share of the corpus.
     """
     clock = _Clock()
-    _fixed_mmap_threshold()
+    if config.tune_malloc:
+        _fixed_mmap_threshold()
     tokenizer, model_config, layers, windower, codec = _check(config)
     paths = store_paths(config, layers)
     partial = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": windower.max_length,
@@ -218,8 +222,9 @@ def _fixed_mmap_threshold(nbytes: int = 256 * 1024) -> None:
     A build allocates and frees flush-sized arrays (up to `flush_bytes`) over and over; glibc's
     dynamic threshold then serves them from the heap, which fragments and never shrinks: RSS
     grew with the corpus (a writer alone: 58 -> 249 MiB over 200k sequences; 58 -> 103 MiB with
-    a fixed threshold). Setting the threshold once turns the dynamic adjustment off. Other
-    allocators and platforms: nothing to do.
+    a fixed threshold). Setting the threshold once turns the dynamic adjustment off, for the
+    rest of the process (glibc cannot turn it back on), which is why a library call does this
+    only when asked (`BuildConfig.tune_malloc`). Other allocators and platforms: nothing to do.
     """
     if not sys.platform.startswith("linux"):
         return

@@ -19,6 +19,10 @@ import numpy as np
 from erstore.keys import split_key
 
 _PENDING = 4096  # scalar adds wait in a small Python set before becoming a sorted run
+# Runs stop merging at this size: merging two runs briefly needs ~3x their bytes, so uncapped the
+# last merges of a 2M-key set would spike ~100 MB; capped, the spike stays ~25 MB and a look-up
+# searches one more run per 2**19 keys (cheap: look-ups come in vectorised batches).
+_MAX_RUN = 1 << 19
 
 
 def halves(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +117,8 @@ class KeySet:
         order = np.lexsort((lo, hi))
         self._runs.append((hi[order], lo[order]))
         self._count += len(hi)
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+        while (len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0])
+               and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= _MAX_RUN):
             (h1, l1), (h2, l2) = self._runs.pop(), self._runs.pop()
             h, lo_ = np.concatenate([h2, h1]), np.concatenate([l2, l1])
             order = np.lexsort((lo_, h))
