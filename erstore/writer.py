@@ -156,7 +156,9 @@ class StoreWriter:
         self.committed = load_index(self.location, self._base, meta=self.meta)
         self.journals = adopt(self.location)
         self._adopted = self.journals.parts
-        self._known = KeyIndex.merge([(self.committed.records, self.committed.arrays), *self._adopted])
+        # Adopted rows get their own small look-up index: merging them with the committed one
+        # would copy the whole store's index (O(store) memory) for an incremental build.
+        self._adopted_index = KeyIndex.merge(self._adopted) if self._adopted else None
         self.part_records, self.part_documents = part_records, part_documents
 
         d = self.recipe.hidden_size
@@ -199,11 +201,11 @@ class StoreWriter:
     def contains(self, key: str) -> bool:
         """True if `key` is committed, adopted from an interrupted build, or appended here
         (appended keys only with `track_new_keys`, the default)."""
-        return (self._new_keys is not None and key in self._new_keys) or bool(self._known.find([key])[0] >= 0)
+        return (self._new_keys is not None and key in self._new_keys) or bool(self.stored(*halves([key]))[0])
 
     def missing(self, keys: list[str]) -> list[bool]:
         """Vectorised `not contains` for many keys."""
-        found = self._known.find(keys) >= 0
+        found = self.stored(*halves(keys)) if keys else np.zeros(0, dtype=bool)
         if self._new_keys is not None and len(self._new_keys):
             found |= self._new_keys.contains_many(*halves(keys))
         return [not f for f in found]
@@ -213,7 +215,10 @@ class StoreWriter:
 
         Reads only structures fixed at open, so a builder may call it while another thread appends.
         """
-        return self._known.find_halves(hi, lo) >= 0
+        found = self.committed.find_halves(hi, lo) >= 0
+        if self._adopted_index is not None:
+            found |= self._adopted_index.find_halves(hi, lo) >= 0
+        return found
 
     @property
     def adopted_sequences(self) -> int:
