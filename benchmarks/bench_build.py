@@ -245,6 +245,50 @@ def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None, tu
     return rows
 
 
+def resume_scale(n: int, tmp: Path) -> dict:
+    """A build of n documents dies after half its windows; the rerun skips the durable documents.
+
+    Reports how many documents the rerun skipped (read and digested, not tokenized) and
+    tokenized, its tokenize time against the uninterrupted build's, and the rate of reading and
+    digesting documents against tokenizing them (the cost a skip replaces).
+    """
+    from erstore.builder import _hash_document
+    from erstore.corpus import iter_corpus
+
+    import xxhash
+
+    model, corpus = tiny_model(tmp / "tiny-bert"), synthetic_corpus(tmp / f"corpus-{n}.txt", n)
+    common = dict(model=str(model), corpus=str(corpus), layers=(1,), max_length=128, progress=False)
+
+    class Dies(StoreWriter):
+        def append(self, *args, **kwargs):
+            if self._appended >= n // 2:
+                raise RuntimeError("killed")
+            super().append(*args, **kwargs)
+
+    t0 = time.perf_counter()
+    try:
+        build(BuildConfig(store=str(tmp / "s"), store_options={"journal_seconds": 2.0}, **common), writer=Dies)
+    except RuntimeError:
+        pass
+    killed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    [res] = build(BuildConfig(store=str(tmp / "s"), **common))
+    resume_s = time.perf_counter() - t0
+    [clean] = build(BuildConfig(store=str(tmp / "clean"), **common))
+    t0 = time.perf_counter()
+    h = xxhash.xxh3_128()
+    count = sum(1 for d in iter_corpus(str(corpus)) if _hash_document(h, d) is None)
+    read_s = time.perf_counter() - t0
+    info = res.version.build
+    return {"documents": n, "killed_after_s": round(killed_s, 1), "skipped_documents": info["skipped_documents"],
+            "tokenized_documents": info["tokenized_documents"], "resumed_sequences": res.resumed,
+            "computed": res.computed, "resume_wall_s": round(resume_s, 1), "clean_wall_s": round(clean.seconds, 1),
+            "resume_tokenize_s": res.phases["tokenize"], "clean_tokenize_s": clean.phases["tokenize"],
+            "read_and_digest_docs_per_s": round(count / read_s),
+            "tokenize_docs_per_s": round(n / max(clean.phases["tokenize"], 1e-9))}
+
+
 def commit_scale(sizes: list[int], tmp: Path, d: int = 16, new: int = 1000) -> list[dict]:
     """Open + append `new` sequences + commit, on synthetic stores of `sizes` sequences."""
     rng = np.random.default_rng(1)
@@ -293,7 +337,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000, help="documents of the default corpus")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=["build", "scale", "corpus", "commit"], default=None)
+    ap.add_argument("--only", choices=["build", "scale", "corpus", "commit", "resume"], default=None)
+    ap.add_argument("--resume-size", type=int, default=200_000, help="documents (--only resume)")
     ap.add_argument("--sizes", default="2000,20000,200000,2000000", help="corpus sizes (--only corpus)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per corpus size")
     ap.add_argument("--buffer-tokens", type=int, default=None)
@@ -310,6 +355,13 @@ def main() -> None:
                                           not args.no_tune_malloc)))
         return
     print(machine())
+    if args.only == "resume":
+        load = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp:
+            row = resume_scale(args.resume_size, Path(tmp))
+        print(row)
+        record("build_resume", {"resume": row, "load_average": load, "load_average_after": os.getloadavg()})
+        return
     if args.only in ("corpus", "commit"):
         load = os.getloadavg()
         if args.only == "corpus":

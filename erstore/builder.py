@@ -464,10 +464,12 @@ def buffered_batches(buffers: Iterable[list], batch_size: int, *, frontiers: boo
     the next buffer (so batches stay full), unless the waiting rows exceed one buffer.
 
     `frontiers`: buffers come as (rows, documents read) with each row's 5th field the documents
-    read before its own; after each buffer a `Frontier` says how far the input is fully batched
-    (the oldest row still waiting holds it back).
+    read before its own; a partial batch waits for one buffer at most (so a rare length cannot
+    hold the input's durable frontier back for long), and after each buffer a `Frontier` says how
+    far the input is fully batched (the oldest row still waiting holds it back).
     """
     carry: list = []
+    before = 0  # documents read before the current buffer (frontiers)
     for buffer in buffers:
         if frontiers:
             buffer, read = buffer
@@ -482,7 +484,12 @@ def buffered_batches(buffers: Iterable[list], batch_size: int, *, frontiers: boo
             yield from length_batches(carry, batch_size)
             carry = []
         if frontiers:
+            waited = [t for t in carry if t[4] < before]  # carried over from an earlier buffer already
+            if waited:
+                yield from length_batches(waited, batch_size)
+                carry = [t for t in carry if t[4] >= before]
             yield Frontier(min((t[4] for t in carry), default=read))  # type: ignore[list-item]
+            before = read
     yield from length_batches(carry, batch_size)
 
 

@@ -39,6 +39,7 @@ from erstore.manifest import (
 )
 from erstore.validate import (
     array_metadata,
+    check_build_records,
     check_documents,
     check_index,
     codec_json_cap,
@@ -207,11 +208,14 @@ def load_index(location: Location, manifest: VersionManifest | None, *, meta: St
     required = meta is not None and meta.verified
     parts = []
     for name in manifest.indexes:
+        records = 0
         for relpath in manifest.index_paths(name):  # one file, or a large build's parts (format 3)
             raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
             if raw is None:
                 raise damaged(f"{location.url}/{relpath}", "is missing")
             parts.append(decode_index(raw, f"{location.url}/{relpath}"))
+            records += len(parts[-1][0])
+            check_build_records(records, manifest, f"{location.url}/{relpath}")
     index = KeyIndex.merge(parts)
     if meta is not None:
         check_index(index, manifest, meta.recipe, f"{location.url}/{version_key(manifest.version)}")

@@ -6,7 +6,9 @@ Every reader (TensorStore reads in `erstore.store`, the fork-safe `erstore.local
 - `read_checked`: a file's bytes, with its size and xxh3-64 checked against the version
   manifest (format 2; required there) and a generous size cap before reading (format 1),
 - `check_index`: every index record against the recipe and the manifest's counts (a length of
-  2**32-1 must not become an allocation),
+  2**32-1 must not become an allocation); `check_build_records`: a build's index parts
+  (format 3; their number is capped when the manifest is parsed) add up to no more records
+  than the version holds,
 - `array_metadata`: a zarr.json must describe exactly the array the codec writes (chunk shape,
   dtype, codecs), so a damaged chunk shape cannot make a reader allocate gigabytes,
 - `check_documents`: a document map is an object of id -> list of keys,
@@ -51,6 +53,14 @@ def index_cap(manifest: VersionManifest) -> int:
     """Most bytes one index file of `manifest`'s version can hold: each file's keys are unique
     and all are in the version, so no file has more records than the version's total."""
     return INDEX_FIXED_BYTES + MAX_INDEX_HEADER + 44 * manifest.totals.sequences
+
+
+def check_build_records(records: int, manifest: VersionManifest, where: str) -> None:
+    """One build's index parts hold unique keys, all in the version: together no more records
+    than the version's total (so many hostile parts cannot add up to more than one file could)."""
+    if records > manifest.totals.sequences:
+        raise damaged(where, f"brings its build's index to {records} records, more than the "
+                             f"{manifest.totals.sequences} sequences of the version")
 
 
 def read_checked(location: Location, manifest: VersionManifest | None, relpath: str, *, cap: int,

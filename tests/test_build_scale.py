@@ -137,6 +137,14 @@ def test_hostile_part_lists(split_store):
         erstore.open(parts).documents()
     fresh()
 
+    path = max((parts / "versions").glob("*.json"))
+    data = json.loads(path.read_text())
+    data["totals"]["sequences"] = 20  # fewer than the build's parts hold: refused before reading them all
+    path.write_bytes(seal(data))
+    with pytest.raises(CorruptStoreError, match="brings its build's index to 32 records"):
+        erstore.open(parts)
+    fresh()
+
     def unrecorded(data):
         del data["files"][sorted(k for k in data["files"] if ".p0" in k and k.endswith(".idx"))[0]]
     hostile(parts, unrecorded)
@@ -221,3 +229,28 @@ def test_journal_resume_point_records_its_documents(tiny_bert, docs, tmp_path):
         if "input" in header:
             lines = path.with_suffix(".docs").read_bytes()
             assert header["input"]["docs"] == file_record(lines) and header["input"]["documents"] > 0
+
+
+def test_frontiers_follow_the_batches():
+    """After a Frontier(P), every row of the documents before P has been batched; a rare length's
+    partial batch waits one buffer at most, so the frontier trails the input by about a buffer."""
+    from erstore.builder import Frontier, buffered_batches
+
+    rng = np.random.default_rng(0)
+    buffers, docs = [], 0
+    for _ in range(6):
+        rows = []
+        for _ in range(5):  # slices of 4 documents
+            rows += [(f"{docs}-{j}", np.zeros(int(rng.choice([3, 3, 3, 7]))), 0, [1], docs) for j in range(4)]
+            docs += 4
+        buffers.append((rows, docs))
+    seen, frontiers = set(), []
+    for item in buffered_batches(buffers, 3, frontiers=True):
+        if isinstance(item, Frontier):
+            assert all(r[0] in seen for rows, _ in buffers for r in rows if r[4] < item.documents)
+            frontiers.append(item.documents)
+        else:
+            assert len({len(r[1]) for r in item}) == 1
+            seen.update(r[0] for r in item)
+    assert len(seen) == 6 * 20 and frontiers == sorted(frontiers) and len(frontiers) == 6
+    assert all(f >= 20 * i for i, f in enumerate(frontiers))  # at most one buffer behind
