@@ -66,8 +66,7 @@ class RankWriter(StoreWriter):
             result = [self._commit_all(gathered)]
         dist.broadcast_object_list(result, src=0, group=self.group)
         self._cleanup_journals()
-        self.closed = True
-        self._docs.close()
+        self._finish()
         return VersionManifest.from_json(result[0].encode(), "rank 0") if result[0] else None
 
     def _commit_all(self, gathered: list[dict[str, Any]]) -> str | None:

@@ -4,15 +4,20 @@ Commit protocol (the same on local disk and object storage, no locks, no coordin
 
 1. A build writes its rows into fresh arrays `arrays/<build>/` that no version references yet.
 2. Every flush, once its chunks are durable, writes `journal/<build>/<n>.idx`: the sequences
-   whose rows are now safe. A flush happens every `flush_bytes` and at least every
-   `journal_seconds` (10 s), so a killed build loses seconds of work. A killed build leaves
-   the journals behind; the next build of the same store adopts them, so it recomputes only
-   what was never made durable. Each journal holds only the records since the previous one,
-   and the commit writes only this build's records: both cost O(new data), not O(store).
-3. At the end the build writes `index/<build>.idx` and then `versions/<N+1>.json` with a
-   write-if-absent. That single conditional write is the commit: readers only ever follow
-   version manifests, so they never see a half-written build. If another writer took N+1
-   first, we re-read its version and try N+2 (our data is untouched by theirs).
+   whose rows are now safe, with a checksum of its own, and, when the builder has marked how
+   far its input is complete (`mark_input`), that resume point (see erstore.journal). A flush
+   happens every `flush_bytes` and at least every `journal_seconds` (10 s), so a killed build
+   loses seconds of work. A killed build leaves the journals behind; the next build of the
+   same store adopts the intact ones, so it recomputes only what was never made durable (and
+   the builder skips the durable input without tokenizing it). Each journal holds only the
+   records since the previous one; journaled records also go to a local temporary file, not
+   to memory.
+3. At the end the build streams those records (and adopted ones) into `index/<build>.idx` and,
+   past 2**18 records, further parts, then the document map likewise (erstore.commitparts),
+   and writes `versions/<N+1>.json` with a write-if-absent. That single conditional write is
+   the commit: readers only ever follow version manifests, so they never see a half-written
+   build. If another writer took N+1 first, we re-read its version and try N+2 (our data is
+   untouched by theirs). Journals and commit cost O(new data) in time and one part in memory.
 
 Duplicated keys across racing builds are harmless: the index keeps the first occurrence.
 Not here: deleting unreferenced arrays (space reclamation) and copying between stores.
