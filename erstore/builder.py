@@ -335,28 +335,40 @@ def _hash_document(hasher: Any, doc: Any) -> None:
 def _resume(open_corpus: Callable[[], Iterator[Any]], writers: dict[int, StoreWriter], stats: _Stats) -> Iterator[Any]:
     """The corpus, past the documents an interrupted build made durable (read, not tokenized).
 
-    The newest resume point that every layer's store offers (see erstore.journal) is taken if
-    this corpus starts with the same documents (same digest); their map entries come from the
-    journal and their window keys refill `stats.seen`. Otherwise the corpus is read from the start.
+    Among the resume points that every layer's store offers (see erstore.journal), the furthest
+    one whose documents this corpus starts with (same digest) is taken: one pass reads and
+    digests up to the furthest offer (ranks of a distributed build find their own share's point
+    among all ranks'). Its map entries come from the journal and its window keys refill
+    `stats.seen`. With no match the corpus is read from the start; a read costs ~1-2 % of
+    tokenizing the same documents (benchmarks/README.md).
     """
     offers = [{(p.documents, p.digest): p for p in w.journals.points} for w in writers.values()]
     common = set.intersection(*(set(o) for o in offers)) if offers else set()
     docs = open_corpus()
-    if common:
-        documents, digest = max(common)
-        n = 0
-        for doc in itertools.islice(docs, documents):
-            _hash_document(stats.hasher, doc)
+    wanted = {documents: {d for n, d in common if n == documents} for documents, _ in common}
+    best, n, hasher = None, 0, xxhash.xxh3_128()
+    if wanted:
+        for doc in itertools.islice(docs, max(wanted)):
+            _hash_document(hasher, doc)
             n += 1
-        if n == documents and stats.hasher.hexdigest() == digest:
-            for w in writers.values():
-                lines = w.resume({(p.documents, p.digest): p for p in w.journals.points}[(documents, digest)])
-            keys = [key for line in lines.splitlines() for key in line_keys(line)]
-            if keys:
-                stats.seen.add_many(*halves(keys))
-            stats.documents, stats.windows, stats.skipped = documents, len(keys), documents
-        else:  # another corpus (or changed): read it whole
-            docs, stats.hasher = open_corpus(), xxhash.xxh3_128()
+            if n in wanted and hasher.hexdigest() in wanted[n]:
+                best = (n, hasher.hexdigest())
+    if best is None:
+        if n:  # nothing matched: read again from the start
+            docs = open_corpus()
+    else:
+        documents, digest = best
+        if n > documents:  # read past the point taken: back to it
+            docs, hasher = open_corpus(), xxhash.xxh3_128()
+            for doc in itertools.islice(docs, documents):
+                _hash_document(hasher, doc)
+        for w, offer in zip(writers.values(), offers):
+            lines = w.resume(offer[best])
+        keys = [key for line in lines.splitlines() for key in line_keys(line)]
+        if keys:
+            stats.seen.add_many(*halves(keys))
+        stats.hasher = hasher
+        stats.documents, stats.windows, stats.skipped = documents, len(keys), documents
     stats.boundary(writers)
     return docs
 

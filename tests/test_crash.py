@@ -69,7 +69,8 @@ def start_and_interrupt(model, corpus, store, sig, *, script=BUILD_SCRIPT, journ
     journal = store / "journal"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and sum(1 for _ in journal.rglob(pattern)) >= journals:
+        # A resume point is its .docs file and then its .idx file: wait for both.
+        if journal.exists() and sum(1 for p in journal.rglob(pattern) if p.with_suffix(".idx").exists()) >= journals:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the build finished before it could be interrupted"
