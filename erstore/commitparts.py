@@ -48,7 +48,7 @@ def renumbered(parts: Iterable[tuple[np.ndarray, list[str]]], arrays: list[str])
 class IndexParts:
     """The index and document-map files of one build's version, written part by part."""
 
-    def __init__(self, location: Location, build_id: str, arrays: list[str], committed: KeyIndex, *,
+    def __init__(self, location: Location, build_id: str, arrays: list[str], committed: KeySet, *,
                  per_part: int = PART_RECORDS):
         self.location, self.build_id, self.arrays = location, build_id, arrays
         self.committed, self.per_part = committed, per_part
@@ -63,7 +63,7 @@ class IndexParts:
     def add(self, block: np.ndarray) -> None:
         """Queue records; those committed before or already added are dropped."""
         hi, lo = np.ascontiguousarray(block["hi"]), np.ascontiguousarray(block["lo"])
-        keep = self.committed.find_halves(hi, lo) < 0
+        keep = ~self.committed.contains_many(hi, lo)
         idx = np.flatnonzero(keep)
         keep[idx] = self.keys.add_many(hi[idx], lo[idx])
         block = block if keep.all() else block[keep]

@@ -28,6 +28,7 @@ from erstore.errors import (
 from erstore.index import KeyIndex
 from erstore.integrity import MAX_MANIFEST, MAX_SMALL_JSON, damaged, unseal
 from erstore.keys import join_key, key_for_ids, window_key
+from erstore.keyset import KeySet
 from erstore.location import Location
 from erstore.manifest import (
     STORE_FILE,
@@ -40,8 +41,10 @@ from erstore.manifest import (
 from erstore.validate import (
     array_metadata,
     check_build_records,
+    check_counts,
     check_documents,
     check_index,
+    check_records,
     codec_json_cap,
     index_cap,
     read_checked,
@@ -221,6 +224,31 @@ def load_index(location: Location, manifest: VersionManifest | None, *, meta: St
         check_index(index, manifest, meta.recipe, f"{location.url}/{version_key(manifest.version)}")
     index.manifest, index.verified = manifest, required
     return index
+
+
+def load_keys(location: Location, manifest: VersionManifest | None, *, meta: StoreMeta) -> KeySet:
+    """The keys of `manifest`'s version only (16 bytes each: what a writer needs to skip stored
+    windows), each index file checked as `load_index` checks it, one file in memory at a time."""
+    keys = KeySet()
+    if manifest is None:
+        return keys
+    tokens = 0
+    for name in manifest.indexes:
+        records = 0
+        for relpath in manifest.index_paths(name):
+            where = f"{location.url}/{relpath}"
+            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
+            if raw is None:
+                raise damaged(where, "is missing")
+            part, _ = decode_index(raw, where)
+            check_records(part, where)
+            records += len(part)
+            check_build_records(records, manifest, where)
+            new = keys.add_many(part["hi"], part["lo"])  # first occurrence wins, as in KeyIndex
+            tokens += int(part["length"][new].sum(dtype=np.uint64))
+            del raw, part
+    check_counts(len(keys), tokens, manifest, f"{location.url}/{version_key(manifest.version)}")
+    return keys
 
 
 class Store:

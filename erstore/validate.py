@@ -90,19 +90,29 @@ def read_checked(location: Location, manifest: VersionManifest | None, relpath: 
 
 def check_index(index: KeyIndex, manifest: VersionManifest, recipe: Recipe, where: str) -> None:
     """Every record must point at rows the codec can have written, and the counts must agree."""
-    records = index.records
+    check_records(index.records, where)
+    check_counts(len(index), int(index.records["length"].sum(dtype=np.uint64)), manifest, where)
+
+
+def check_records(records: np.ndarray, where: str) -> None:
+    """Records of one index file (or all): lengths, pair boundaries and rows within bounds."""
+    if not len(records):
+        return
     lengths = records["length"].astype(np.int64)
-    if len(records):
-        worst = int(lengths.max())
-        if worst > MAX_SEQUENCE_ROWS:
-            raise damaged(where, f"indexes a sequence of {worst} tokens (a record holds at most {MAX_SEQUENCE_ROWS})")
-        if (records["boundary"].astype(np.int64) > lengths).any():
-            raise damaged(where, "indexes a text pair whose boundary lies beyond its sequence")
-        if int(records["row"].max()) > MAX_ROWS - MAX_SEQUENCE_ROWS:
-            raise damaged(where, "indexes rows beyond the end of its arrays")
-    if len(index) != manifest.totals.sequences or int(lengths.sum()) != manifest.totals.tokens:
+    worst = int(lengths.max())
+    if worst > MAX_SEQUENCE_ROWS:
+        raise damaged(where, f"indexes a sequence of {worst} tokens (a record holds at most {MAX_SEQUENCE_ROWS})")
+    if (records["boundary"].astype(np.int64) > lengths).any():
+        raise damaged(where, "indexes a text pair whose boundary lies beyond its sequence")
+    if int(records["row"].max()) > MAX_ROWS - MAX_SEQUENCE_ROWS:
+        raise damaged(where, "indexes rows beyond the end of its arrays")
+
+
+def check_counts(sequences: int, tokens: int, manifest: VersionManifest, where: str) -> None:
+    """The unique sequences and their tokens must be what the version manifest counts."""
+    if sequences != manifest.totals.sequences or tokens != manifest.totals.tokens:
         raise damaged(where, f"counts {manifest.totals.sequences} sequences / {manifest.totals.tokens} tokens, "
-                             f"but its index files hold {len(index)} / {int(lengths.sum())}")
+                             f"but its index files hold {sequences} / {tokens}")
 
 
 def check_documents(raw: bytes | None, where: str) -> dict[str, list[str]]:

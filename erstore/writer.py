@@ -63,6 +63,7 @@ from erstore.store import (
     BuildArrays,
     list_versions,
     load_index,
+    load_keys,
     open_arrays,
     read_manifest,
 )
@@ -158,7 +159,10 @@ class StoreWriter:
         self.build_id = new_build_id()
         versions = list_versions(self.location)
         self._base = read_manifest(self.location, versions[-1]) if versions else None
-        self.committed = load_index(self.location, self._base, meta=self.meta)
+        # Only the committed keys (16 bytes each), not the index records: an incremental build
+        # of a large store needs to know what is stored, not where (0.94 s and ~68 bytes per
+        # sequence for a full KeyIndex).
+        self.committed = load_keys(self.location, self._base, meta=self.meta)
         self.journals = adopt(self.location)
         self._adopted = self.journals.parts
         # Adopted rows get their own small look-up index: merging them with the committed one
@@ -220,7 +224,7 @@ class StoreWriter:
 
         Reads only structures fixed at open, so a builder may call it while another thread appends.
         """
-        found = self.committed.find_halves(hi, lo) >= 0
+        found = self.committed.contains_many(hi, lo)
         if self._adopted_index is not None:
             found |= self._adopted_index.find_halves(hi, lo) >= 0
         return found
