@@ -20,9 +20,9 @@ from erstore.keys import split_key
 
 _PENDING = 4096  # scalar adds wait in a small Python set before becoming a sorted run
 # Runs stop merging at this size: merging two runs briefly needs ~3x their bytes, so uncapped the
-# last merges of a 2M-key set would spike ~100 MB; capped, the spike stays ~25 MB and a look-up
-# searches one more run per 2**19 keys (cheap: look-ups come in vectorised batches).
-_MAX_RUN = 1 << 19
+# last merges of a 2M-key set would spike ~100 MB; capped, the spike stays ~7 MB and a look-up
+# searches one more run per 2**17 keys (~20 us each: look-ups come in vectorised batches).
+_MAX_RUN = 1 << 17
 
 
 def halves(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
