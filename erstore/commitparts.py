@@ -5,14 +5,16 @@ adopted, or ranks' gathered records); `IndexParts` drops those already committed
 in this commit (first occurrence wins, as in `KeyIndex`), and writes the rest as index files of
 `per_part` records each: part 0 is `index/<build>.idx` (so a build of up to `per_part` sequences
 is written exactly as before), parts 1.. `index/<build>.pNNNNNN.idx`. The document map goes the
-same way from `DocMap.parts()`. Memory: one part, plus 16 bytes per new key (the exact
-deduplication set, also what a commit that lost a race needs to recount against the winner).
+same way from `DocMap.parts()`. Memory: one part, plus 16 bytes per key that needs exact
+deduplication (adopted records, ranks' records, a direct writer user's; not the builder's own,
+which are unique by construction and recounted from the writer's spill file after a lost race).
 
 Not here: the version manifest and its write-if-absent (`erstore.writer`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -60,12 +62,17 @@ class IndexParts:
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
 
-    def add(self, block: np.ndarray) -> None:
-        """Queue records; those committed before or already added are dropped."""
+    def add(self, block: np.ndarray, *, remember: bool = True) -> None:
+        """Queue records; those committed before or already added are dropped. `remember=False`:
+        the caller knows these keys are unique and absent from every later block (the builder's
+        own records), so they stay out of the deduplication set."""
         hi, lo = np.ascontiguousarray(block["hi"]), np.ascontiguousarray(block["lo"])
         keep = ~self.committed.contains_many(hi, lo)
         idx = np.flatnonzero(keep)
-        keep[idx] = self.keys.add_many(hi[idx], lo[idx])
+        if remember:
+            keep[idx] = self.keys.add_many(hi[idx], lo[idx])
+        elif len(self.keys):
+            keep[idx] = ~self.keys.contains_many(hi[idx], lo[idx])
         block = block if keep.all() else block[keep]
         if not len(block):
             return
@@ -103,10 +110,12 @@ class IndexParts:
     def counts(self) -> list[int]:
         return [self.index_parts, self.docs_parts]
 
-    def overlap(self, index: KeyIndex) -> tuple[int, int]:
-        """(sequences, tokens) of this version's keys that `index` holds too (after a lost race)."""
+    def overlap(self, index: KeyIndex, unremembered: Iterable[np.ndarray] = ()) -> tuple[int, int]:
+        """(sequences, tokens) of this version's keys that `index` holds too (after a lost race);
+        keys added with `remember=False` come again as `unremembered` record blocks."""
         sequences = tokens = 0
-        for hi, lo in self.keys.runs():
+        blocks = ((np.ascontiguousarray(b["hi"]), np.ascontiguousarray(b["lo"])) for b in unremembered)
+        for hi, lo in itertools.chain(self.keys.runs(), blocks):
             found = index.find_halves(hi, lo)
             found = found[found >= 0]
             sequences += len(found)

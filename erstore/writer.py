@@ -411,7 +411,11 @@ class StoreWriter:
         arrays = [self.build_id]
         blocks = renumbered(itertools.chain(((b, [self.build_id]) for b in self.own_blocks(self.part_records)),
                                             self._adopted), arrays)
-        parts = self.write_parts(blocks, arrays, self._docs.parts(self.part_documents))
+        # The builder (track_new_keys=False) appends each key once and never one it was told is
+        # stored or adopted, so its own records need no deduplication set (16 bytes each, and
+        # look-ups that grew with the build); adopted ones, and a direct user's, get one.
+        trusted = self._journaled if self._new_keys is None else 0
+        parts = self.write_parts(blocks, arrays, self._docs.parts(self.part_documents), trusted=trusted)
         if parts is None:
             self._cleanup_journals()
             self._finish()
@@ -423,13 +427,14 @@ class StoreWriter:
         return manifest
 
     def write_parts(self, blocks: Iterable[np.ndarray], arrays: list[str],
-                    docs: Iterable[bytes]) -> IndexParts | None:
+                    docs: Iterable[bytes], *, trusted: int = 0) -> IndexParts | None:
         """Write this version's index (from record `blocks` numbered into `arrays`, which may
         grow as blocks are read) and document map, part by part; None if no record is new.
         The manifest will record every file written and the arrays' metadata files."""
         parts = IndexParts(self.location, self.build_id, arrays, self.committed, per_part=self.part_records)
         for block in blocks:
-            parts.add(block)
+            parts.add(block, remember=trusted <= 0)  # the first `trusted` records are known unique
+            trusted -= len(block)
         parts.finish_index()
         if not parts.sequences:
             return None
@@ -467,7 +472,8 @@ class StoreWriter:
             # are not counted twice.
             latest = list_versions(self.location)[-1]
             base = read_manifest(self.location, latest)
-            same, same_tokens = parts.overlap(load_index(self.location, base))
+            trusted = self.own_blocks() if self._new_keys is None else ()  # not in the parts' key set
+            same, same_tokens = parts.overlap(load_index(self.location, base), trusted)
             sequences, tokens = parts.sequences - same, parts.tokens - same_tokens
         raise CommitConflictError(
             f"could not commit to {self.location.url} after {COMMIT_ATTEMPTS} attempts; "

@@ -253,3 +253,26 @@ def test_frontiers_follow_the_batches():
             seen.update(r[0] for r in item)
     assert len(seen) == 6 * 20 and frontiers == sorted(frontiers) and len(frontiers) == 6
     assert all(f >= 20 * i for i, f in enumerate(frontiers))  # at most one buffer behind
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_a_commit_that_lost_the_race_counts_shared_keys_once(tmp_path, track):
+    """Two writers open the same version and store overlapping keys; the second to commit rebases
+    and counts only what the first did not add (builder-style writers keep no key set)."""
+    from erstore.codecs import LosslessCodec
+    from erstore.keys import key_for_ids
+    from erstore.manifest import Recipe
+
+    recipe = Recipe(model_fingerprint="f", layer=1, tokenizer_fingerprint="t", max_length=8, stride=0,
+                    codec=LosslessCodec("float32").to_dict(), hidden_size=4, num_layers=2)
+    states = np.ones((3, 4), dtype=np.float32)
+    a = StoreWriter(tmp_path / "s", recipe, track_new_keys=track, part_records=4)
+    b = StoreWriter(tmp_path / "s", recipe, track_new_keys=track, part_records=4)
+    for w, ids in ((a, range(0, 10)), (b, range(6, 20))):
+        for i in ids:
+            w.append(key_for_ids([i, 1, 2]), states, np.asarray([i, 1, 2]))
+    first, second = a.commit(), b.commit()
+    assert (first.version, second.version) == (1, 2)
+    assert second.added.sequences == 10 and second.added.tokens == 30  # keys 10..19; 6..9 were a's
+    store = erstore.open(tmp_path / "s")
+    assert len(store) == store.manifest.totals.sequences == 20 and verify(store).ok
