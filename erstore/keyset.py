@@ -41,6 +41,15 @@ class KeySet:
         self._pending: set[tuple[int, int]] = set()
         self._count = 0
 
+    @classmethod
+    def from_sorted(cls, hi: np.ndarray, lo: np.ndarray) -> KeySet:
+        """A set of keys already sorted by (hi, lo) and unique (one run, no copy)."""
+        keys = cls()
+        if len(hi):
+            keys._runs.append((np.asarray(hi, dtype="<u8"), np.asarray(lo, dtype="<u8")))
+            keys._count = len(hi)
+        return keys
+
     def __len__(self) -> int:
         return self._count + len(self._pending)
 

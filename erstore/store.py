@@ -228,11 +228,10 @@ def load_index(location: Location, manifest: VersionManifest | None, *, meta: St
 
 def load_keys(location: Location, manifest: VersionManifest | None, *, meta: StoreMeta) -> KeySet:
     """The keys of `manifest`'s version only (16 bytes each: what a writer needs to skip stored
-    windows), each index file checked as `load_index` checks it, one file in memory at a time."""
-    keys = KeySet()
+    windows), each index file checked as `load_index` checks it, one file's bytes at a time."""
     if manifest is None:
-        return keys
-    tokens = 0
+        return KeySet()
+    his, los, lengths = [], [], []
     for name in manifest.indexes:
         records = 0
         for relpath in manifest.index_paths(name):
@@ -244,11 +243,22 @@ def load_keys(location: Location, manifest: VersionManifest | None, *, meta: Sto
             check_records(part, where)
             records += len(part)
             check_build_records(records, manifest, where)
-            new = keys.add_many(part["hi"], part["lo"])  # first occurrence wins, as in KeyIndex
-            tokens += int(part["length"][new].sum(dtype=np.uint64))
+            his.append(np.ascontiguousarray(part["hi"]))
+            los.append(np.ascontiguousarray(part["lo"]))
+            lengths.append(np.ascontiguousarray(part["length"]))
             del raw, part
-    check_counts(len(keys), tokens, manifest, f"{location.url}/{version_key(manifest.version)}")
-    return keys
+    hi, lo, length = (np.concatenate(a) if a else np.zeros(0, dtype="<u8") for a in (his, los, lengths))
+    del his, los, lengths
+    order = np.argsort(hi)  # as KeyIndex: a sort by (hi, lo) only if some hi repeats
+    if len(order) > 1 and (np.diff(hi[order]) == 0).any():
+        order = np.lexsort((lo, hi))  # stable: the first occurrence (oldest build) is the one counted
+    hi, lo, length = hi[order], lo[order], length[order]
+    del order
+    first = np.ones(len(hi), dtype=bool)
+    first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    check_counts(int(first.sum()), int(length[first].sum(dtype=np.uint64)), manifest,
+                 f"{location.url}/{version_key(manifest.version)}")
+    return KeySet.from_sorted(hi[first], lo[first])
 
 
 class Store:
