@@ -339,8 +339,8 @@ def _resume(open_corpus: Callable[[], Iterator[Any]], writers: dict[int, StoreWr
     one whose documents this corpus starts with (same digest) is taken: one pass reads and
     digests up to the furthest offer (ranks of a distributed build find their own share's point
     among all ranks'). Its map entries come from the journal and its window keys refill
-    `stats.seen`. With no match the corpus is read from the start; a read costs ~1-2 % of
-    tokenizing the same documents (benchmarks/README.md).
+    `stats.seen`. With no match the corpus is read from the start; reading and digesting a
+    document costs ~1/10 of tokenizing it (benchmarks/README.md, `--only resume`).
     """
     offers = [{(p.documents, p.digest): p for p in w.journals.points} for w in writers.values()]
     common = set.intersection(*(set(o) for o in offers)) if offers else set()
@@ -364,11 +364,16 @@ def _resume(open_corpus: Callable[[], Iterator[Any]], writers: dict[int, StoreWr
                 _hash_document(hasher, doc)
         for w, offer in zip(writers.values(), offers):
             lines = w.resume(offer[best])
-        keys = [key for line in lines.splitlines() for key in line_keys(line)]
-        if keys:
-            stats.seen.add_many(*halves(keys))
+        windows = 0
+        entries = lines.splitlines()
+        del lines
+        for start in range(0, len(entries), 1 << 16):  # in slices: no list of every key at once
+            keys = [key for line in entries[start : start + (1 << 16)] for key in line_keys(line)]
+            if keys:
+                stats.seen.add_many(*halves(keys))
+            windows += len(keys)
         stats.hasher = hasher
-        stats.documents, stats.windows, stats.skipped = documents, len(keys), documents
+        stats.documents, stats.windows, stats.skipped = documents, windows, documents
     stats.boundary(writers)
     return docs
 
