@@ -527,14 +527,18 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
     t0 = time.perf_counter()
     device = extractor.device
     behind = WriteBehind(writers)
+    marked = stats.skipped  # documents of the last resume point queued (or resumed from)
     try:
         for batch in buffered_batches(buffers, config.batch_size, frontiers=True):
             if isinstance(batch, Frontier):
-                # A resume point (erstore.journal): journaled once its rows are durable.
-                digest, docs_bytes = stats.boundaries[batch.documents]
-                for n in [n for n in stats.boundaries if n < batch.documents]:
-                    del stats.boundaries[n]
-                behind.mark(batch.documents, digest, docs_bytes)
+                # A resume point (erstore.journal), journaled once its rows are durable; one that
+                # does not pass the last (a rare length still waiting) would save nothing.
+                if batch.documents > marked:
+                    digest, docs_bytes = stats.boundaries[batch.documents]
+                    for n in [n for n in stats.boundaries if n < batch.documents]:
+                        del stats.boundaries[n]
+                    behind.mark(batch.documents, digest, docs_bytes)
+                    marked = batch.documents
                 continue
             if stats.first_batch_s is None:
                 stats.first_batch_s = round(time.perf_counter() - stats.started, 3)

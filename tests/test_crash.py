@@ -141,13 +141,13 @@ def test_kill_after_a_resume_point_skips_its_documents_without_tokenizing(wide_b
     it reads them (checking their digest) but tokenizes only the rest, and still equals an
     uninterrupted build bit for bit, document map included."""
     store = tmp_path / "s"
-    big = big_corpus(tmp_path / "big.jsonl")  # 1,500 documents
+    big = big_corpus(tmp_path / "big.jsonl", n=3000)  # a resume point comes after the 2nd buffer
     rc = start_and_interrupt(wide_bert, big, store, signal.SIGKILL, journals=1, pattern="*.docs")
     assert rc != 0
     [resumed] = build(config(wide_bert, big, store))
     info = resumed.version.build
-    assert 0 < info["skipped_documents"] < 1500, "the durable documents were tokenized again"
-    assert info["tokenized_documents"] == 1500 - info["skipped_documents"] and resumed.documents == 1500
+    assert 0 < info["skipped_documents"] < 3000, "the durable documents were tokenized again"
+    assert info["tokenized_documents"] == 3000 - info["skipped_documents"] and resumed.documents == 3000
     [clean] = build(config(wide_bert, big, tmp_path / "clean"))
     final, reference = erstore.open(store), erstore.open(tmp_path / "clean")
     keys = list(reference)
