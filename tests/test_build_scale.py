@@ -132,7 +132,7 @@ def test_hostile_part_lists(split_store):
     hostile(parts, one_more)
     fresh()
     last = sorted((parts / "index").glob("*.p*.docs.json"))[-1]
-    last.write_bytes(b'{"x": ["' + b"0" * 32 + b'"]}')  # consistent size? no: checksum differs
+    last.write_bytes(b'{"x": ["' + b"0" * 32 + b'"]}')  # a valid map, but not the recorded one
     with pytest.raises(CorruptStoreError):
         erstore.open(parts).documents()
     fresh()
