@@ -173,27 +173,49 @@ def vm(field: str) -> float:
     return float("nan")
 
 
-def one_corpus_build(n: int, tmp: Path, buffer_tokens: int | None) -> dict:
-    """Run in a fresh process: one build of n documents; report its peak RSS and timings."""
+def one_corpus_build(n: int, tmp: Path, buffer_tokens: int | None, tune_malloc: bool = True) -> dict:
+    """Run in a fresh process: one build of n documents; report its peak RSS and timings.
+
+    RSS is sampled every 50 ms so that the peak can be split by phase (streaming compute vs the
+    commit), which is where a peak that grows with the corpus would show.
+    """
+    import threading
+
     model, corpus = tmp / "tiny-bert", tmp / f"corpus-{n}.txt"  # made by the parent process
     import torch  # noqa: F401 - counted in the baseline, as a build imports it anyway
     import transformers  # noqa: F401
 
     rss_start = vm("VmRSS")
     options = {} if buffer_tokens is None else {"buffer_tokens": buffer_tokens}
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            samples.append((time.perf_counter(), vm("VmRSS")))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     [res] = build(BuildConfig(model=str(model), corpus=str(corpus), store=str(tmp / f"store-{n}"), layers=(1,),
-                              max_length=128, progress=False, **options))
+                              max_length=128, progress=False, tune_malloc=tune_malloc, **options))
     wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    commit_start = t0 + wall - res.phases.get("commit", 0.0)
     info = res.version.build
     return {"documents": n, "tokens": res.version.totals.tokens, "windows": res.windows,
             "peak_rss_mib": vm("VmHWM"), "rss_before_build_mib": rss_start, "wall_s": round(wall, 1),
+            "peak_rss_streaming_mib": max((r for t, r in samples if t < commit_start), default=None),
+            "peak_rss_commit_mib": max((r for t, r in samples if t >= commit_start), default=None),
+            "tune_malloc": tune_malloc, "index_parts": sum(res.version.parts.get(b, [1, 1])[0]
+                                                           for b in res.version.indexes),
             "first_batch_s": info["first_batch_s"], "phases": res.phases,
             "tokens_per_s_end_to_end": round(res.version.totals.tokens / wall, 1),
             "write_wait_s": info["write_wait_s"], "store_mb": round(res.version.totals.bytes / 1e6, 1)}
 
 
-def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None) -> list[dict]:
+def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None, tune_malloc: bool = True) -> list[dict]:
     import json
     import subprocess
 
@@ -205,6 +227,8 @@ def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None) ->
             cmd = [sys.executable, __file__, "--one-corpus", str(n), "--tmp", tmp]
             if buffer_tokens is not None:
                 cmd += ["--buffer-tokens", str(buffer_tokens)]
+            if not tune_malloc:
+                cmd += ["--no-tune-malloc"]
             try:
                 # One torch thread: with 2 threads on these shared, loaded cores, OpenMP's spinning
                 # made the same forward pass 20-50x slower (old and new builder alike).
@@ -219,6 +243,50 @@ def corpus_scale(sizes: list[int], timeout: float, buffer_tokens: int | None) ->
         print(row, flush=True)
         rows.append(row)
     return rows
+
+
+def resume_scale(n: int, tmp: Path) -> dict:
+    """A build of n documents dies after half its windows; the rerun skips the durable documents.
+
+    Reports how many documents the rerun skipped (read and digested, not tokenized) and
+    tokenized, its tokenize time against the uninterrupted build's, and the rate of reading and
+    digesting documents against tokenizing them (the cost a skip replaces).
+    """
+    from erstore.builder import _hash_document
+    from erstore.corpus import iter_corpus
+
+    import xxhash
+
+    model, corpus = tiny_model(tmp / "tiny-bert"), synthetic_corpus(tmp / f"corpus-{n}.txt", n)
+    common = dict(model=str(model), corpus=str(corpus), layers=(1,), max_length=128, progress=False)
+
+    class Dies(StoreWriter):
+        def append(self, *args, **kwargs):
+            if self._appended >= n // 2:
+                raise RuntimeError("killed")
+            super().append(*args, **kwargs)
+
+    t0 = time.perf_counter()
+    try:
+        build(BuildConfig(store=str(tmp / "s"), store_options={"journal_seconds": 2.0}, **common), writer=Dies)
+    except RuntimeError:
+        pass
+    killed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    [res] = build(BuildConfig(store=str(tmp / "s"), **common))
+    resume_s = time.perf_counter() - t0
+    [clean] = build(BuildConfig(store=str(tmp / "clean"), **common))
+    t0 = time.perf_counter()
+    h = xxhash.xxh3_128()
+    count = sum(1 for d in iter_corpus(str(corpus)) if _hash_document(h, d) is None)
+    read_s = time.perf_counter() - t0
+    info = res.version.build
+    return {"documents": n, "killed_after_s": round(killed_s, 1), "skipped_documents": info["skipped_documents"],
+            "tokenized_documents": info["tokenized_documents"], "resumed_sequences": res.resumed,
+            "computed": res.computed, "resume_wall_s": round(resume_s, 1), "clean_wall_s": round(clean.seconds, 1),
+            "resume_tokenize_s": res.phases["tokenize"], "clean_tokenize_s": clean.phases["tokenize"],
+            "read_and_digest_docs_per_s": round(count / read_s),
+            "tokenize_docs_per_s": round(n / max(clean.phases["tokenize"], 1e-9))}
 
 
 def commit_scale(sizes: list[int], tmp: Path, d: int = 16, new: int = 1000) -> list[dict]:
@@ -269,10 +337,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000, help="documents of the default corpus")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=["build", "scale", "corpus", "commit"], default=None)
+    ap.add_argument("--only", choices=["build", "scale", "corpus", "commit", "resume"], default=None)
+    ap.add_argument("--resume-size", type=int, default=200_000, help="documents (--only resume)")
     ap.add_argument("--sizes", default="2000,20000,200000,2000000", help="corpus sizes (--only corpus)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per corpus size")
     ap.add_argument("--buffer-tokens", type=int, default=None)
+    ap.add_argument("--no-tune-malloc", action="store_true", help="build without BuildConfig.tune_malloc "
+                    "(the CLI turns it on)")
     ap.add_argument("--commit-sizes", default="10000,100000,1000000")
     ap.add_argument("--one-corpus", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
@@ -280,15 +351,24 @@ def main() -> None:
     if args.one_corpus is not None:
         import json
 
-        print(json.dumps(one_corpus_build(args.one_corpus, Path(args.tmp), args.buffer_tokens)))
+        print(json.dumps(one_corpus_build(args.one_corpus, Path(args.tmp), args.buffer_tokens,
+                                          not args.no_tune_malloc)))
         return
     print(machine())
+    if args.only == "resume":
+        load = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp:
+            row = resume_scale(args.resume_size, Path(tmp))
+        print(row)
+        record("build_resume", {"resume": row, "load_average": load, "load_average_after": os.getloadavg()})
+        return
     if args.only in ("corpus", "commit"):
         load = os.getloadavg()
         if args.only == "corpus":
-            rows = corpus_scale([int(x) for x in args.sizes.split(",")], args.timeout, args.buffer_tokens)
-            record("build_corpus_scale", {"corpus_scale": rows, "load_average": load,
-                                          "buffer_tokens": args.buffer_tokens})
+            rows = corpus_scale([int(x) for x in args.sizes.split(",")], args.timeout, args.buffer_tokens,
+                                not args.no_tune_malloc)
+            record("build_corpus_scale", {"corpus_scale": rows, "load_average": load, "load_average_after": os.getloadavg(),
+                                          "buffer_tokens": args.buffer_tokens, "tune_malloc": not args.no_tune_malloc})
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 rows = commit_scale([int(x) for x in args.commit_sizes.split(",")], Path(tmp))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -28,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from erstore import preflight, progress
 from erstore.codecs import parse_codec
 from erstore.corpus import DEFAULT_CORPUS, check_corpus, corpus_label, document_count, iter_corpus
+from erstore.docmap import entry_line, line_keys
 from erstore.errors import InvalidInputError
 from erstore.keys import fast_window_key
 from erstore.keyset import KeySet, halves
@@ -74,6 +77,9 @@ class BuildConfig:
     tokenizer: Any = None
     format: str | None = None  # corpus format; default: by file extension
     buffer_tokens: int = BUFFER_TOKENS  # bounds build memory: see the module docstring
+    # Fix glibc's mmap threshold for this process (see `_fixed_mmap_threshold`): a process-wide
+    # setting, so off unless asked; the `erstore build` CLI turns it on.
+    tune_malloc: bool = False
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, int) else self.layers
@@ -145,7 +151,8 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     so that this process reads only its share of the corpus.
     """
     clock = _Clock()
-    _fixed_mmap_threshold()
+    if config.tune_malloc:
+        _fixed_mmap_threshold()
     tokenizer, model_config, layers, windower, codec = _check(config)
     paths = store_paths(config, layers)
     partial = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": windower.max_length,
@@ -178,8 +185,9 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 config=extractor.config.to_diff_dict(),
             )
             writers[k] = writer(path, recipe, track_new_keys=False, **config.store_options)
-        docs = iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options)
         stats = _Stats()
+        docs = _resume(lambda: iter_corpus(config.corpus, limit=config.limit, shard=shard, **corpus_options),
+                       writers, stats)
         # Reading (+ tokenizing, dedup) streams into compute: both phases run at once; compute's
         # total becomes known when the corpus has been read.
         total = document_count(config.corpus, format=config.format, limit=config.limit) if shard[1] == 1 else None
@@ -188,6 +196,8 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                           f"seen before or stored, {stats.queued:,} to compute") as reading, \
                 report.phase("compute", unit="sequences", detail=lambda: f"{stats.tokens:,} tokens, "
                              f"{stats.tokens / max(computing.elapsed, 1e-9):,.0f} tokens/s") as computing:
+            if stats.skipped:
+                reading.update(stats.skipped)  # durable before an interruption: read, not tokenized
             buffers = _buffers(docs, windower, writers, stats, config.buffer_tokens, (reading, computing))
             _compute(buffers, extractor, writers, config, stats, computing)
         clock.laps["tokenize"] = round(stats.tokenize_s, 3)
@@ -197,6 +207,7 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
                 "computed": stats.computed, "computed_tokens": stats.tokens, "device": config.device,
                 "seconds": clock.laps, "first_batch_s": stats.first_batch_s,
                 "write_wait_s": round(stats.write_wait_s, 3),
+                "tokenized_documents": stats.documents - stats.skipped, "skipped_documents": stats.skipped,
                 "tokens_per_second": round(stats.tokens / max(clock.laps["compute"], 1e-9), 1)}
         committed = {}
         with report.phase("commit", total=len(writers), unit="stores") as committing:
@@ -227,8 +238,9 @@ def _fixed_mmap_threshold(nbytes: int = 256 * 1024) -> None:
     A build allocates and frees flush-sized arrays (up to `flush_bytes`) over and over; glibc's
     dynamic threshold then serves them from the heap, which fragments and never shrinks: RSS
     grew with the corpus (a writer alone: 58 -> 249 MiB over 200k sequences; 58 -> 103 MiB with
-    a fixed threshold). Setting the threshold once turns the dynamic adjustment off. Other
-    allocators and platforms: nothing to do.
+    a fixed threshold). Setting the threshold once turns the dynamic adjustment off, for the
+    rest of the process (glibc cannot turn it back on), which is why a library call does this
+    only when asked (`BuildConfig.tune_malloc`). Other allocators and platforms: nothing to do.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -320,20 +332,82 @@ class _Stats:
     write_wait_s: float = 0.0
     first_batch_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    skipped: int = 0  # documents of an interrupted build's durable input, not tokenized again
+    seen: KeySet = field(default_factory=KeySet)  # every window key of this corpus so far
+    hasher: Any = field(default_factory=xxhash.xxh3_128)  # of the documents read so far
+    # documents read -> (digest of them, {layer: document-map bytes}) at each slice boundary
+    # not yet behind the durable frontier: what a resume point records (see `buffered_batches`)
+    boundaries: dict[int, tuple[str, dict[int, int]]] = field(default_factory=dict)
+
+    def boundary(self, writers: dict[int, StoreWriter]) -> None:
+        self.boundaries[self.documents] = (self.hasher.hexdigest(), {k: w.docs_bytes for k, w in writers.items()})
+
+
+def _hash_document(hasher: Any, doc: Any) -> None:
+    """What decides a document's windows and map entry: id, text, pair and words."""
+    words = None if doc.words is None else list(doc.words)
+    hasher.update(json.dumps([doc.id, doc.text, doc.pair, words], ensure_ascii=False).encode())
+
+
+def _resume(open_corpus: Callable[[], Iterator[Any]], writers: dict[int, StoreWriter], stats: _Stats) -> Iterator[Any]:
+    """The corpus, past the documents an interrupted build made durable (read, not tokenized).
+
+    Among the resume points that every layer's store offers (see erstore.journal), the furthest
+    one whose documents this corpus starts with (same digest) is taken: one pass reads and
+    digests up to the furthest offer (ranks of a distributed build find their own share's point
+    among all ranks'). Its map entries come from the journal and its window keys refill
+    `stats.seen`. With no match the corpus is read from the start; reading and digesting a
+    document costs ~1/10 of tokenizing it (benchmarks/README.md, `--only resume`).
+    """
+    offers = [{(p.documents, p.digest): p for p in w.journals.points} for w in writers.values()]
+    common = set.intersection(*(set(o) for o in offers)) if offers else set()
+    docs = open_corpus()
+    wanted = {documents: {d for n, d in common if n == documents} for documents, _ in common}
+    best, n, hasher = None, 0, xxhash.xxh3_128()
+    if wanted:
+        for doc in itertools.islice(docs, max(wanted)):
+            _hash_document(hasher, doc)
+            n += 1
+            if n in wanted and hasher.hexdigest() in wanted[n]:
+                best = (n, hasher.hexdigest())
+    if best is None:
+        if n:  # nothing matched: read again from the start
+            docs = open_corpus()
+    else:
+        documents, digest = best
+        if n > documents:  # read past the point taken: back to it
+            docs, hasher = open_corpus(), xxhash.xxh3_128()
+            for doc in itertools.islice(docs, documents):
+                _hash_document(hasher, doc)
+        for w, offer in zip(writers.values(), offers):
+            lines = w.resume(offer[best])
+        windows = 0
+        entries = lines.splitlines()
+        del lines
+        for start in range(0, len(entries), 1 << 16):  # in slices: no list of every key at once
+            keys = [key for line in entries[start : start + (1 << 16)] for key in line_keys(line)]
+            if keys:
+                stats.seen.add_many(*halves(keys))
+            windows += len(keys)
+        stats.hasher = hasher
+        stats.documents, stats.windows, stats.skipped = documents, windows, documents
+    stats.boundary(writers)
+    return docs
 
 
 def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,
              buffer_tokens: int, phases: tuple[progress.Phase, progress.Phase] | None = None,
-             ) -> Iterator[list[tuple[str, np.ndarray, int, list[int]]]]:
-    """Buffers of new windows (key, ids, boundary, layers needing it), each ~`buffer_tokens` tokens.
+             ) -> Iterator[tuple[list[tuple[str, np.ndarray, int, list[int], int]], int]]:
+    """Buffers of new windows (key, ids, boundary, layers needing it, documents read before its
+    slice), each ~`buffer_tokens` tokens, and the documents read by the end of each buffer.
 
     Records every document's keys with the writers. A window is new unless an earlier document
-    of this corpus had it (`seen`, 16 bytes per window) or every target store already holds it.
-    The first buffers are small and double, so that the first batch does not wait for a full one.
+    of this corpus had it (`stats.seen`, 16 bytes per window) or every target store already holds
+    it. The first buffers are small and double, so that the first batch does not wait for a full one.
     `phases` (read, compute): read counts documents; when the corpus is read, compute gets its total.
     """
-    seen = KeySet()
-    buffer: list[tuple[str, np.ndarray, int, list[int]]] = []
+    seen = stats.seen
+    buffer: list[tuple[str, np.ndarray, int, list[int], int]] = []
     tokens, limit = 0, min(buffer_tokens, FIRST_BUFFER_TOKENS)
     it = iter(docs)
     while True:
@@ -347,16 +421,22 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
             raise InvalidInputError("some documents have a text pair and some do not; give all or none")
         keys: list[str] = []
         windows: list[tuple[np.ndarray, int]] = []
+        lines: list[bytes] = []
         split = part[0].words is not None  # pre-tokenized (--words-field)
         texts = [d.words for d in part] if split else [d.text for d in part]
         for doc, doc_windows in zip(part, windower.windows_batch(texts, pairs, split_words=split)):
             arrays = [(np.array(ids, dtype="<u4"), b) for ids, b in doc_windows]
             doc_keys = [fast_window_key(ids, b) for ids, b in arrays]
-            for w in writers.values():
-                w.add_document(doc.id, doc_keys)
+            lines.append(entry_line(str(doc.id), doc_keys))
+            _hash_document(stats.hasher, doc)
             keys += doc_keys
             windows += arrays
+        block = b"".join(lines)
+        for w in writers.values():
+            w.add_document_lines(block, len(part))
+        first = stats.documents
         stats.documents += len(part)
+        stats.boundary(writers)
         stats.windows += len(keys)
         if phases:
             phases[0].update(len(part))
@@ -367,18 +447,18 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
             layers = [k for k in writers if need[k][j]]
             if layers:
                 ids, b = windows[i]
-                buffer.append((keys[i], ids, b, layers))
+                buffer.append((keys[i], ids, b, layers, first))
                 tokens += len(ids)
                 stats.queued += 1
         stats.tokenize_s += time.perf_counter() - t0
         if tokens >= limit:
-            yield buffer
+            yield buffer, stats.documents
             buffer, tokens, limit = [], 0, min(buffer_tokens, 2 * limit)
     if phases:
         phases[0].close()
         phases[1].set_total(stats.queued)
     if buffer:
-        yield buffer
+        yield buffer, stats.documents
 
 
 class _Clock:
@@ -414,11 +494,27 @@ def length_batches(todo: list, batch_size: int) -> list[list]:
     return batches
 
 
-def buffered_batches(buffers: Iterable[list], batch_size: int) -> Iterator[list]:
+@dataclass(frozen=True)
+class Frontier:
+    """Every window of the first `documents` input documents has been yielded in a batch."""
+
+    documents: int
+
+
+def buffered_batches(buffers: Iterable[list], batch_size: int, *, frontiers: bool = False) -> Iterator[list]:
     """Equal-length batches formed within each buffer; a length's last partial batch waits for
-    the next buffer (so batches stay full), unless the waiting rows exceed one buffer."""
+    the next buffer (so batches stay full), unless the waiting rows exceed one buffer.
+
+    `frontiers`: buffers come as (rows, documents read) with each row's 5th field the documents
+    read before its own; a partial batch waits for one buffer at most (so a rare length cannot
+    hold the input's durable frontier back for long), and after each buffer a `Frontier` says how
+    far the input is fully batched (the oldest row still waiting holds it back).
+    """
     carry: list = []
+    before = 0  # documents read before the current buffer (frontiers)
     for buffer in buffers:
+        if frontiers:
+            buffer, read = buffer
         todo = carry + buffer
         carry = []
         for batch in length_batches(todo, batch_size):
@@ -429,6 +525,13 @@ def buffered_batches(buffers: Iterable[list], batch_size: int) -> Iterator[list]
         if sum(len(t[1]) for t in carry) > sum(len(t[1]) for t in buffer):
             yield from length_batches(carry, batch_size)
             carry = []
+        if frontiers:
+            waited = [t for t in carry if t[4] < before]  # carried over from an earlier buffer already
+            if waited:
+                yield from length_batches(waited, batch_size)
+                carry = [t for t in carry if t[4] >= before]
+            yield Frontier(min((t[4] for t in carry), default=read))  # type: ignore[list-item]
+            before = read
     yield from length_batches(carry, batch_size)
 
 
@@ -446,8 +549,19 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
     use_types = extractor.accepts_token_types()
     device = extractor.device
     behind = WriteBehind(writers)
+    marked = stats.skipped  # documents of the last resume point queued (or resumed from)
     try:
-        for batch in buffered_batches(buffers, config.batch_size):
+        for batch in buffered_batches(buffers, config.batch_size, frontiers=True):
+            if isinstance(batch, Frontier):
+                # A resume point (erstore.journal), journaled once its rows are durable; one that
+                # does not pass the last (a rare length still waiting) would save nothing.
+                if batch.documents > marked:
+                    digest, docs_bytes = stats.boundaries[batch.documents]
+                    for n in [n for n in stats.boundaries if n < batch.documents]:
+                        del stats.boundaries[n]
+                    behind.mark(batch.documents, digest, docs_bytes)
+                    marked = batch.documents
+                continue
             if stats.first_batch_s is None:
                 stats.first_batch_s = round(time.perf_counter() - stats.started, 3)
             ids = torch.from_numpy(np.stack([t[1] for t in batch]).astype(np.int64))
@@ -455,7 +569,7 @@ def _compute(buffers: Iterable[list], extractor: Any, writers: dict[int, StoreWr
             types = None
             if use_types:
                 types = torch.zeros_like(ids)
-                for row, (_, _, boundary, _) in enumerate(batch):
+                for row, (_, _, boundary, *_) in enumerate(batch):
                     if boundary:
                         types[row, boundary:] = 1
             hidden = extractor(ids.to(device), mask.to(device),

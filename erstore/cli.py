@@ -187,6 +187,7 @@ def build(ctx: click.Context, **opts: Any) -> None:
         format=opts["corpus_format"], words_field=opts["words_field"],
         store_options=_remote(opts.pop("endpoint"), opts.pop("region")),
         **({"buffer_tokens": opts["buffer_tokens"]} if opts["buffer_tokens"] else {}),
+        tune_malloc=True,  # this process only builds: see BuildConfig.tune_malloc
     )
     results = run(config)
     if opts["as_json"]:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from erstore.builder import build as _single_process_build
-from erstore.index import KeyIndex
+from erstore.commitparts import renumbered
+from erstore.docmap import render
 from erstore.manifest import RECORD_DTYPE, VersionManifest
 from erstore.writer import StoreWriter
 
@@ -54,9 +55,10 @@ class RankWriter(StoreWriter):
 
         self._flush(final=True)
         own = self.own_records()
+        # The document map goes as its entry lines (they concatenate across ranks).
         part = {"parts": [(own.tobytes(), [self.build_id]),
                           *((r.tobytes(), a) for r, a in self._adopted)],
-                "build": build or {}, "arrays": [self.build_id], "docs": bytes(self._docs.to_json())}
+                "build": build or {}, "arrays": [self.build_id], "docs": b"".join(self._docs.lines())}
         gathered: list[Any] = [None] * self.world_size if self.rank == 0 else None  # type: ignore[assignment]
         dist.gather_object(part, gathered, dst=0, group=self.group)
         result: list[Any] = [None]
@@ -64,21 +66,18 @@ class RankWriter(StoreWriter):
             result = [self._commit_all(gathered)]
         dist.broadcast_object_list(result, src=0, group=self.group)
         self._cleanup_journals()
-        self.closed = True
-        self._docs.close()
+        self._finish()
         return VersionManifest.from_json(result[0].encode(), "rank 0") if result[0] else None
 
     def _commit_all(self, gathered: list[dict[str, Any]]) -> str | None:
-        parts = [(np.frombuffer(raw, dtype=RECORD_DTYPE), arrays)
-                 for g in gathered for raw, arrays in g["parts"]]
-        merged = KeyIndex.merge(parts)
-        fresh = merged.records[self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0]
-        if not len(fresh):
+        arrays: list[str] = []
+        blocks = renumbered(((np.frombuffer(raw, dtype=RECORD_DTYPE), a) for g in gathered for raw, a in g["parts"]),
+                            arrays)
+        lines = b"".join(g["docs"] for g in gathered).splitlines(keepends=True)
+        docs = (render(lines[i : i + self.part_documents]) for i in range(0, max(len(lines), 1), self.part_documents))
+        parts = self.write_parts(blocks, arrays, docs)
+        if parts is None:
             return None
-        # Each rank's map is a JSON object of its documents; their members concatenate.
-        members = [g["docs"].strip()[1:-1].strip() for g in gathered]
-        docs = b"{" + b", ".join(m for m in members if m) + b"}"
-        files, added_bytes = self._write_index_files(fresh, merged.arrays, lambda: docs)
         builds = [g["build"] for g in gathered]
         info = {**builds[0], "ranks": len(builds)}
         for name in ("computed", "computed_tokens"):
@@ -90,7 +89,7 @@ class RankWriter(StoreWriter):
             info["seconds"] = {**(builds[0].get("seconds") or {}), "compute": max(phases) * len(builds)}
             info["tokens_per_second"] = round(info["computed_tokens"] / max(phases) / len(builds), 1)
         info["rank_builds"] = builds
-        return self._publish(fresh, added_bytes, info, files).to_json().decode()
+        return self._publish(parts, info).to_json().decode()
 
 
 def build(config: Any) -> list[Any]:

@@ -12,13 +12,17 @@ could skip a window that was never computed; exactness matters more).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from erstore.keys import split_key
 
 _PENDING = 4096  # scalar adds wait in a small Python set before becoming a sorted run
+# Runs stop merging at this size: merging two runs briefly needs ~3x their bytes, so uncapped the
+# last merges of a 2M-key set would spike ~100 MB; capped, the spike stays ~7 MB and a look-up
+# searches one more run per 2**17 keys (~20 us each: look-ups come in vectorised batches).
+_MAX_RUN = 1 << 17
 
 
 def halves(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +40,15 @@ class KeySet:
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # each sorted by (hi, lo), unique
         self._pending: set[tuple[int, int]] = set()
         self._count = 0
+
+    @classmethod
+    def from_sorted(cls, hi: np.ndarray, lo: np.ndarray) -> KeySet:
+        """A set of keys already sorted by (hi, lo) and unique (one run, no copy)."""
+        keys = cls()
+        if len(hi):
+            keys._runs.append((np.asarray(hi, dtype="<u8"), np.asarray(lo, dtype="<u8")))
+            keys._count = len(hi)
+        return keys
 
     def __len__(self) -> int:
         return self._count + len(self._pending)
@@ -81,6 +94,12 @@ class KeySet:
             self._push(hi[idx], lo[idx])
         return new
 
+    def runs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every key, as sorted (hi, lo) arrays (one pair per run)."""
+        if self._pending:
+            self._flush_pending()
+        yield from self._runs
+
     def add(self, key: str) -> None:
         self._pending.add(split_key(key))
         if len(self._pending) >= _PENDING:
@@ -107,7 +126,8 @@ class KeySet:
         order = np.lexsort((lo, hi))
         self._runs.append((hi[order], lo[order]))
         self._count += len(hi)
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+        while (len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0])
+               and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= _MAX_RUN):
             (h1, l1), (h2, l2) = self._runs.pop(), self._runs.pop()
             h, lo_ = np.concatenate([h2, h1]), np.concatenate([l2, l1])
             order = np.lexsort((lo_, h))

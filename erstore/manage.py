@@ -200,12 +200,12 @@ def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dr
         for v in sorted(kept):  # every kept version's files checked, as a reader would
             manifest = read_manifest(location, v)
             for name in manifest.indexes:
-                relpath = f"index/{name}.idx"
-                raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
-                if raw is None:
-                    raise ErstoreError(f"{url}/{relpath} is missing; the store is damaged (run verify)")
                 needed_builds.add(name)
-                needed_builds.update(decode_index(raw, f"{url}/{relpath}")[1])
+                for relpath in manifest.index_paths(name):
+                    raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
+                    if raw is None:
+                        raise ErstoreError(f"{url}/{relpath} is missing; the store is damaged (run verify)")
+                    needed_builds.update(decode_index(raw, f"{url}/{relpath}")[1])
             phase.update()
 
     report = GcReport(location.url, dry_run, sorted(kept), dropped)

@@ -4,11 +4,14 @@ Layout of a store (every path relative to the store root, any kvstore backend):
 
     erstore.json                  format tag + recipe, written once when the store is created
     versions/00000001.json        one manifest per committed version (written last, atomically)
-    index/<build>.idx             keys -> rows added by one build (immutable)
+    index/<build>.idx             keys -> rows added by one build (immutable); part 0 of its index
+    index/<build>.pNNNNNN.idx     parts 1.. of a large build's index (format 3; see `parts`)
     index/<build>.docs.json       document id -> keys of its windows, for that build's corpus
+    index/<build>.pNNNNNN.docs.json  parts 1.. of a large build's document map
     arrays/<build>/states/        zarr3 array [rows, d] of hidden states (immutable once indexed)
     arrays/<build>/tokens/        zarr3 array [rows] of int32 token ids
-    arrays/<build>/journal/N.idx  rows a running build has made durable (used to resume)
+    journal/<build>/N.idx         rows a running build has made durable (used to resume)
+    journal/<build>/N.docs        document-map lines of the input documents made durable by then
 
 JSON only (never pickle); each JSON file carries `format_version` and load checks it. The `.idx`
 files start with a magic tag and a version, then a JSON header, then packed little-endian records
@@ -20,6 +23,10 @@ too), and a manifest lists the size and xxh3-64 of every file its version reads 
 files, document maps, codec parameters, zarr.json); the arrays' zstd chunks carry zstd's content
 checksum.
 Format 1 stores still open and read, unverified (`erstore copy` rewrites one as format 2).
+Format 3 differs only in that a build's index and document map may be split into parts, so a
+build never holds its whole index in memory: a version manifest whose `parts` names a build
+with more than one part is written as format 3 (older erstores then ask to be upgraded); every
+other manifest, and erstore.json, stay format 2, byte for byte as before.
 Everything parsed here is validated (types, names that become paths, counts) before use.
 """
 
@@ -31,12 +38,19 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from erstore.errors import CorruptStoreError, IncompatibleStoreError
-from erstore.integrity import MAX_INDEX_HEADER, check_name, damaged, seal, unseal
+from erstore.integrity import CHECKSUM_FIELD, MAX_INDEX_HEADER, check_name, damaged, seal, unseal
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PARTS_FORMAT = 3  # a version manifest that lists multi-part builds (`VersionManifest.parts`)
+READABLE_VERSIONS = (1, 2, 3)
+NEWEST_FORMAT = max(READABLE_VERSIONS)
+# A build's index and document map have at most this many part files each: at the writer's
+# 2**18 records per part that is 2**38 sequences, and a hostile manifest cannot make a reader
+# loop over more names than this.
+MAX_PARTS = 1 << 20
 STORE_FILE = "erstore.json"
 INDEX_MAGIC = b"ERSTIDX\n"
 
@@ -56,10 +70,10 @@ RECORD_DTYPE = np.dtype(
 def check_format_version(data: dict[str, Any], where: str) -> None:
     found = data.get("format_version")
     if found not in READABLE_VERSIONS or isinstance(found, bool):
-        newer = isinstance(found, int) and found > FORMAT_VERSION
+        newer = isinstance(found, int) and found > NEWEST_FORMAT
         raise IncompatibleStoreError(
             f"{where} has format_version {found!r}, but this erstore reads format_version "
-            f"{FORMAT_VERSION}; "
+            f"{NEWEST_FORMAT} and older; "
             + ("upgrade erstore (pip install -U erstore) to read it" if newer else
                "the file is not an erstore file or is damaged")
         )
@@ -183,10 +197,19 @@ class VersionManifest:
     # relative path -> {"bytes": size, "xxh3_64": digest} of every file this version reads
     # (format 2); files of format-1 builds inherited by a later version are absent (unverified).
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # build id -> [index parts, document map parts] of builds written in more than one part
+    # (format 3); a build absent here has one index file and one document map.
+    parts: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.parts and self.format_version < PARTS_FORMAT:  # older readers must not half-read it
+            object.__setattr__(self, "format_version", PARTS_FORMAT)
 
     def to_json(self) -> bytes:
         data = asdict(self)
         data["indexes"] = list(self.indexes)
+        if not self.parts:
+            del data["parts"]  # format 2 manifests stay byte-identical
         if self.format_version < 2:
             del data["files"]
             return json.dumps(data, indent=2, sort_keys=True).encode()
@@ -195,6 +218,14 @@ class VersionManifest:
     def file(self, relpath: str) -> dict[str, Any] | None:
         """The recorded size and checksum of `relpath`, or None if this version records none."""
         return self.files.get(relpath)
+
+    def index_paths(self, build: str) -> list[str]:
+        """Relative paths of the index files of `build`, in order."""
+        return part_paths(build, ".idx", self.parts.get(build, [1, 1])[0])
+
+    def docs_paths(self, build: str) -> list[str]:
+        """Relative paths of the document map files of `build`, in order."""
+        return part_paths(build, ".docs.json", self.parts.get(build, [1, 1])[1])
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> VersionManifest:
@@ -210,6 +241,7 @@ class VersionManifest:
                 parent=None if data.get("parent") is None else _count(data["parent"]),
                 format_version=data["format_version"],
                 files={str(k): _file_record(v) for k, v in dict(data.get("files", {})).items()},
+                parts={str(k): _parts(v) for k, v in dict(data.get("parts", {})).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, CorruptStoreError):
@@ -217,7 +249,23 @@ class VersionManifest:
             raise damaged(where, f"is not a valid version manifest ({type(e).__name__}: {e})") from e
         if len(set(manifest.indexes)) != len(manifest.indexes):
             raise damaged(where, "lists a build twice")
+        if not set(manifest.parts) <= set(manifest.indexes):
+            raise damaged(where, "lists index parts of a build it does not contain")
+        if manifest.parts and data["format_version"] < PARTS_FORMAT:
+            raise damaged(where, f"lists index parts but says format_version {data['format_version']}")
         return manifest
+
+
+def part_paths(build: str, suffix: str, count: int) -> list[str]:
+    """`index/<build><suffix>` and, for parts 1.., `index/<build>.pNNNNNN<suffix>`."""
+    return [f"index/{build}{suffix}" if i == 0 else f"index/{build}.p{i:06d}{suffix}" for i in range(count)]
+
+
+def _parts(value: Any) -> list[int]:
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_PARTS for n in value)):
+        raise ValueError(f"part counts {value!r} are not two integers in [1, {MAX_PARTS}]")
+    return list(value)
 
 
 def _count(value: Any) -> int:
@@ -252,15 +300,38 @@ def parse_version_key(key: str) -> int | None:
     return int(stem) if key.startswith("versions/") and stem.isdigit() and name != stem else None
 
 
-def encode_index(records: np.ndarray, arrays: list[str]) -> bytes:
-    """Serialise index records whose `array` field points into `arrays`."""
-    header = json.dumps({"arrays": arrays, "count": int(len(records))}, sort_keys=True).encode()
-    body = np.ascontiguousarray(records, dtype=RECORD_DTYPE).tobytes()
-    return INDEX_MAGIC + struct.pack("<II", FORMAT_VERSION, len(header)) + header + body
+def encode_index(records: np.ndarray, arrays: list[str], *, extra: dict[str, Any] | None = None,
+                 sealed: bool = False) -> bytes:
+    """Serialise index records whose `array` field points into `arrays`.
+
+    `extra`: more header fields (a journal's resume point). `sealed`: the header carries a
+    checksum of itself and the body (journals, which no manifest records); index files of a
+    version need none, the manifest records their checksums.
+    """
+    body = np.ascontiguousarray(records, dtype=RECORD_DTYPE).data
+    fields = {**(extra or {}), "arrays": arrays, "count": int(len(records))}
+    if sealed:
+        fields[CHECKSUM_FIELD] = _index_digest(fields, body)
+    header = json.dumps(fields, sort_keys=True).encode()
+    return b"".join([INDEX_MAGIC, struct.pack("<II", FORMAT_VERSION, len(header)), header, body])
+
+
+def _index_digest(fields: dict[str, Any], body: memoryview | bytes) -> str:
+    h = xxhash.xxh3_64(json.dumps({k: v for k, v in fields.items() if k != CHECKSUM_FIELD},
+                                  sort_keys=True).encode())
+    h.update(body)
+    return "xxh3-64:" + h.hexdigest()
 
 
 def decode_index(raw: bytes, where: str) -> tuple[np.ndarray, list[str]]:
     """Parse an index file; return (records, array ids). Raises CorruptStoreError if damaged."""
+    records, arrays, _ = decode_index_file(raw, where)
+    return records, arrays
+
+
+def decode_index_file(raw: bytes, where: str, *, sealed: bool = False) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Parse an index or journal file: (records, array ids, header). `sealed`: the header must
+    carry a matching checksum of itself and the body (journal files)."""
     fixed = len(INDEX_MAGIC) + 8
     if len(raw) < fixed or raw[: len(INDEX_MAGIC)] != INDEX_MAGIC:
         raise damaged(where, "is not an erstore index file (bad magic tag)")
@@ -276,13 +347,15 @@ def decode_index(raw: bytes, where: str) -> tuple[np.ndarray, list[str]]:
             raise
         raise damaged(where, f"has a damaged header ({e})") from e
     body = memoryview(raw)[fixed + header_len :]  # no copy of a possibly large body
+    if sealed and header.get(CHECKSUM_FIELD) != _index_digest(header, body):
+        raise damaged(where, "has no checksum" if CHECKSUM_FIELD not in header else "does not match its checksum")
     if len(body) != count * RECORD_DTYPE.itemsize:
         raise damaged(where, f"should hold {count} records ({count * RECORD_DTYPE.itemsize} bytes) "
                              f"but has {len(body)} bytes (truncated?)")
     records = np.frombuffer(body, dtype=RECORD_DTYPE)
     if count and int(np.ascontiguousarray(records["array"]).max()) >= len(arrays):
         raise damaged(where, "points at an array outside its header")
-    return records, arrays
+    return records, arrays, header
 
 
 def _load_sealed(raw: bytes, where: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from erstore.errors import (
 from erstore.index import KeyIndex
 from erstore.integrity import MAX_MANIFEST, MAX_SMALL_JSON, damaged, unseal
 from erstore.keys import join_key, key_for_ids, window_key
+from erstore.keyset import KeySet
 from erstore.location import Location
 from erstore.manifest import (
     STORE_FILE,
@@ -39,8 +40,11 @@ from erstore.manifest import (
 )
 from erstore.validate import (
     array_metadata,
+    check_build_records,
+    check_counts,
     check_documents,
     check_index,
+    check_records,
     codec_json_cap,
     index_cap,
     read_checked,
@@ -207,16 +211,54 @@ def load_index(location: Location, manifest: VersionManifest | None, *, meta: St
     required = meta is not None and meta.verified
     parts = []
     for name in manifest.indexes:
-        relpath = f"index/{name}.idx"
-        raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
-        if raw is None:
-            raise damaged(f"{location.url}/{relpath}", "is missing")
-        parts.append(decode_index(raw, f"{location.url}/{relpath}"))
+        records = 0
+        for relpath in manifest.index_paths(name):  # one file, or a large build's parts (format 3)
+            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
+            if raw is None:
+                raise damaged(f"{location.url}/{relpath}", "is missing")
+            parts.append(decode_index(raw, f"{location.url}/{relpath}"))
+            records += len(parts[-1][0])
+            check_build_records(records, manifest, f"{location.url}/{relpath}")
     index = KeyIndex.merge(parts)
     if meta is not None:
         check_index(index, manifest, meta.recipe, f"{location.url}/{version_key(manifest.version)}")
     index.manifest, index.verified = manifest, required
     return index
+
+
+def load_keys(location: Location, manifest: VersionManifest | None, *, meta: StoreMeta) -> KeySet:
+    """The keys of `manifest`'s version only (16 bytes each: what a writer needs to skip stored
+    windows), each index file checked as `load_index` checks it, one file's bytes at a time."""
+    if manifest is None:
+        return KeySet()
+    his, los, lengths = [], [], []
+    for name in manifest.indexes:
+        records = 0
+        for relpath in manifest.index_paths(name):
+            where = f"{location.url}/{relpath}"
+            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
+            if raw is None:
+                raise damaged(where, "is missing")
+            part, _ = decode_index(raw, where)
+            check_records(part, where)
+            records += len(part)
+            check_build_records(records, manifest, where)
+            his.append(np.ascontiguousarray(part["hi"]))
+            los.append(np.ascontiguousarray(part["lo"]))
+            lengths.append(np.ascontiguousarray(part["length"]))
+            del raw, part
+    hi, lo, length = (np.concatenate(a) if a else np.zeros(0, dtype="<u8") for a in (his, los, lengths))
+    del his, los, lengths
+    order = np.argsort(hi)  # as KeyIndex: a sort by (hi, lo) only if some hi repeats
+    if len(order) > 1 and (np.diff(hi[order]) == 0).any():
+        order = np.lexsort((lo, hi))  # stable: the first occurrence (oldest build) is the one counted
+    hi, lo, length = hi[order], lo[order], length[order]
+    del order
+    first = np.ones(len(hi), dtype=bool)
+    first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    check_counts(int(first.sum()), int(length[first].sum(dtype=np.uint64)), manifest,
+                 f"{location.url}/{version_key(manifest.version)}")
+    return KeySet.from_sorted(hi[first], lo[first])
 
 
 class Store:
@@ -326,10 +368,12 @@ class Store:
         if self.manifest is None:
             return docs
         for n in self.manifest.indexes:
-            relpath = f"index/{n}.docs.json"
-            raw = read_checked(self.location, self.manifest, relpath, cap=index_cap(self.manifest) * 64,
-                               required=self.meta.verified)
-            for doc, keys in check_documents(raw, f"{self.location.url}/{relpath}").items():
+            build: dict[str, list[str]] = {}
+            for relpath in self.manifest.docs_paths(n):  # a large build's map comes in parts
+                raw = read_checked(self.location, self.manifest, relpath, cap=index_cap(self.manifest) * 64,
+                                   required=self.meta.verified)
+                build.update(check_documents(raw, f"{self.location.url}/{relpath}"))
+            for doc, keys in build.items():  # an earlier build's entry wins, as its records do
                 docs.setdefault(doc, keys)
         return docs
 

@@ -6,7 +6,9 @@ Every reader (TensorStore reads in `erstore.store`, the fork-safe `erstore.local
 - `read_checked`: a file's bytes, with its size and xxh3-64 checked against the version
   manifest (format 2; required there) and a generous size cap before reading (format 1),
 - `check_index`: every index record against the recipe and the manifest's counts (a length of
-  2**32-1 must not become an allocation),
+  2**32-1 must not become an allocation); `check_build_records`: a build's index parts
+  (format 3; their number is capped when the manifest is parsed) add up to no more records
+  than the version holds,
 - `array_metadata`: a zarr.json must describe exactly the array the codec writes (chunk shape,
   dtype, codecs), so a damaged chunk shape cannot make a reader allocate gigabytes,
 - `check_documents`: a document map is an object of id -> list of keys,
@@ -53,6 +55,14 @@ def index_cap(manifest: VersionManifest) -> int:
     return INDEX_FIXED_BYTES + MAX_INDEX_HEADER + 44 * manifest.totals.sequences
 
 
+def check_build_records(records: int, manifest: VersionManifest, where: str) -> None:
+    """One build's index parts hold unique keys, all in the version: together no more records
+    than the version's total (so many hostile parts cannot add up to more than one file could)."""
+    if records > manifest.totals.sequences:
+        raise damaged(where, f"brings its build's index to {records} records, more than the "
+                             f"{manifest.totals.sequences} sequences of the version")
+
+
 def read_checked(location: Location, manifest: VersionManifest | None, relpath: str, *, cap: int,
                  required: bool, optional: bool = False) -> bytes | None:
     """Bytes of `relpath` (None if absent and allowed), checked against `manifest`'s record.
@@ -80,19 +90,29 @@ def read_checked(location: Location, manifest: VersionManifest | None, relpath: 
 
 def check_index(index: KeyIndex, manifest: VersionManifest, recipe: Recipe, where: str) -> None:
     """Every record must point at rows the codec can have written, and the counts must agree."""
-    records = index.records
+    check_records(index.records, where)
+    check_counts(len(index), int(index.records["length"].sum(dtype=np.uint64)), manifest, where)
+
+
+def check_records(records: np.ndarray, where: str) -> None:
+    """Records of one index file (or all): lengths, pair boundaries and rows within bounds."""
+    if not len(records):
+        return
     lengths = records["length"].astype(np.int64)
-    if len(records):
-        worst = int(lengths.max())
-        if worst > MAX_SEQUENCE_ROWS:
-            raise damaged(where, f"indexes a sequence of {worst} tokens (a record holds at most {MAX_SEQUENCE_ROWS})")
-        if (records["boundary"].astype(np.int64) > lengths).any():
-            raise damaged(where, "indexes a text pair whose boundary lies beyond its sequence")
-        if int(records["row"].max()) > MAX_ROWS - MAX_SEQUENCE_ROWS:
-            raise damaged(where, "indexes rows beyond the end of its arrays")
-    if len(index) != manifest.totals.sequences or int(lengths.sum()) != manifest.totals.tokens:
+    worst = int(lengths.max())
+    if worst > MAX_SEQUENCE_ROWS:
+        raise damaged(where, f"indexes a sequence of {worst} tokens (a record holds at most {MAX_SEQUENCE_ROWS})")
+    if (records["boundary"].astype(np.int64) > lengths).any():
+        raise damaged(where, "indexes a text pair whose boundary lies beyond its sequence")
+    if int(records["row"].max()) > MAX_ROWS - MAX_SEQUENCE_ROWS:
+        raise damaged(where, "indexes rows beyond the end of its arrays")
+
+
+def check_counts(sequences: int, tokens: int, manifest: VersionManifest, where: str) -> None:
+    """The unique sequences and their tokens must be what the version manifest counts."""
+    if sequences != manifest.totals.sequences or tokens != manifest.totals.tokens:
         raise damaged(where, f"counts {manifest.totals.sequences} sequences / {manifest.totals.tokens} tokens, "
-                             f"but its index files hold {len(index)} / {int(lengths.sum())}")
+                             f"but its index files hold {sequences} / {tokens}")
 
 
 def check_documents(raw: bytes | None, where: str) -> dict[str, list[str]]:

@@ -42,6 +42,11 @@ class WriteBehind:
         self._queue.put((batch, arrays))
         self.wait_s += time.perf_counter() - t0
 
+    def mark(self, documents: int, digest: str, docs_bytes: dict[int, int]) -> None:
+        """Queue a resume point after the batches queued so far (`StoreWriter.mark_input`)."""
+        self._raise()
+        self._queue.put((None, (documents, digest, docs_bytes)))
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -51,7 +56,12 @@ class WriteBehind:
                 continue  # keep draining so that a blocked `put` returns and sees the error
             batch, arrays = item
             try:
-                for row, (key, tok, boundary, need) in enumerate(batch):
+                if batch is None:
+                    documents, digest, docs_bytes = arrays
+                    for k, w in self.writers.items():
+                        w.mark_input(documents, digest, docs_bytes[k])
+                    continue
+                for row, (key, tok, boundary, need, *_) in enumerate(batch):
                     for k in need:
                         self.writers[k].append(key, arrays[k][row], tok, boundary=boundary)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread

@@ -4,15 +4,20 @@ Commit protocol (the same on local disk and object storage, no locks, no coordin
 
 1. A build writes its rows into fresh arrays `arrays/<build>/` that no version references yet.
 2. Every flush, once its chunks are durable, writes `journal/<build>/<n>.idx`: the sequences
-   whose rows are now safe. A flush happens every `flush_bytes` and at least every
-   `journal_seconds` (10 s), so a killed build loses seconds of work. A killed build leaves
-   the journals behind; the next build of the same store adopts them, so it recomputes only
-   what was never made durable. Each journal holds only the records since the previous one,
-   and the commit writes only this build's records: both cost O(new data), not O(store).
-3. At the end the build writes `index/<build>.idx` and then `versions/<N+1>.json` with a
-   write-if-absent. That single conditional write is the commit: readers only ever follow
-   version manifests, so they never see a half-written build. If another writer took N+1
-   first, we re-read its version and try N+2 (our data is untouched by theirs).
+   whose rows are now safe, with a checksum of its own, and, when the builder has marked how
+   far its input is complete (`mark_input`), that resume point (see erstore.journal). A flush
+   happens every `flush_bytes` and at least every `journal_seconds` (10 s), so a killed build
+   loses seconds of work. A killed build leaves the journals behind; the next build of the
+   same store adopts the intact ones, so it recomputes only what was never made durable (and
+   the builder skips the durable input without tokenizing it). Each journal holds only the
+   records since the previous one; journaled records also go to a local temporary file, not
+   to memory.
+3. At the end the build streams those records (and adopted ones) into `index/<build>.idx` and,
+   past 2**18 records, further parts, then the document map likewise (erstore.commitparts),
+   and writes `versions/<N+1>.json` with a write-if-absent. That single conditional write is
+   the commit: readers only ever follow version manifests, so they never see a half-written
+   build. If another writer took N+1 first, we re-read its version and try N+2 (our data is
+   untouched by theirs). Journals and commit cost O(new data) in time and one part in memory.
 
 Duplicated keys across racing builds are harmless: the index keeps the first occurrence.
 Not here: deleting unreferenced arrays (space reclamation) and copying between stores.
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import os
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,10 +40,12 @@ import tensorstore as ts
 import xxhash
 
 from erstore.codecs import codec_from_dict
-from erstore.docmap import DocMap
+from erstore.commitparts import PART_RECORDS, IndexParts, renumbered
+from erstore.docmap import PART_DOCUMENTS, DocMap
 from erstore.errors import CommitConflictError, IncompatibleStoreError, InvalidInputError, StoreNotFoundError
 from erstore.index import KeyIndex
 from erstore.integrity import seal
+from erstore.journal import ResumePoint, adopt, journal_path
 from erstore.keys import split_key
 from erstore.keyset import KeySet, halves
 from erstore.location import Location, holds_other_files
@@ -47,7 +56,6 @@ from erstore.manifest import (
     Recipe,
     StoreMeta,
     VersionManifest,
-    decode_index,
     encode_index,
     version_key,
 )
@@ -55,6 +63,7 @@ from erstore.store import (
     BuildArrays,
     list_versions,
     load_index,
+    load_keys,
     open_arrays,
     read_manifest,
 )
@@ -140,7 +149,8 @@ class StoreWriter:
 
     def __init__(self, url: str | os.PathLike[str], recipe: Recipe, *,
                  flush_bytes: int = FLUSH_BYTES, journal_seconds: float = JOURNAL_SECONDS,
-                 track_new_keys: bool = True, **location_options: Any):
+                 track_new_keys: bool = True, part_records: int = PART_RECORDS,
+                 part_documents: int = PART_DOCUMENTS, **location_options: Any):
         self.location = Location.open(url, **location_options)
         # Only the writer whose write-if-absent made erstore.json may remove it (see discard).
         self.meta, self.created_store = ensure_store(self.location, recipe)
@@ -149,9 +159,16 @@ class StoreWriter:
         self.build_id = new_build_id()
         versions = list_versions(self.location)
         self._base = read_manifest(self.location, versions[-1]) if versions else None
-        self.committed = load_index(self.location, self._base, meta=self.meta)
-        self._adopted = self._adopt_journals()
-        self._known = KeyIndex.merge([(self.committed.records, self.committed.arrays), *self._adopted])
+        # Only the committed keys (16 bytes each), not the index records: an incremental build
+        # of a large store needs to know what is stored, not where (0.94 s and ~68 bytes per
+        # sequence for a full KeyIndex).
+        self.committed = load_keys(self.location, self._base, meta=self.meta)
+        self.journals = adopt(self.location)
+        self._adopted = self.journals.parts
+        # Adopted rows get their own small look-up index: merging them with the committed one
+        # would copy the whole store's index (O(store) memory) for an incremental build.
+        self._adopted_index = KeyIndex.merge(self._adopted) if self._adopted else None
+        self.part_records, self.part_documents = part_records, part_documents
 
         d = self.recipe.hidden_size
         self._metadata = self.codec.arrays(d)
@@ -167,13 +184,19 @@ class StoreWriter:
         self._encoded: dict[str, np.ndarray] = {}  # encoded rows not yet handed to TensorStore
         self._encoded_tokens = np.zeros(0, dtype="<i4")
         self._written_rows = 0  # rows handed to TensorStore
-        # Index records live in numpy, ~44 bytes per sequence, so memory does not grow with
-        # Python objects per sequence: appended (tuples, until encoded) -> encoded (arrays,
-        # until their rows are durable) -> journaled (arrays, kept for the commit's index).
+        # Index records: appended (tuples, until encoded) -> encoded (arrays, until their rows
+        # are durable) -> journaled (44 bytes each in `_spill`, a local temporary file the commit
+        # reads back in parts): memory does not grow with the build.
         self._fresh: list[tuple] = []  # (hi, lo, row, checksum, array, length, boundary), not encoded
         self._unjournaled: list[np.ndarray] = []
-        self._journaled_parts: list[np.ndarray] = []
+        self._spill = tempfile.TemporaryFile(prefix="erstore-index-")  # noqa: SIM115 - closed in close()
         self._journaled = 0  # records covered by journal files
+        self._appended = 0  # records appended so far
+        # Resume points (see erstore.journal): (records appended by then, documents, digest,
+        # document-map bytes), journaled once those records are durable.
+        self._marks: list[tuple[int, int, str, int]] = []
+        self._docs_journaled = 0  # document-map bytes already in journals
+        self._needs = {b: n for b, n in self.journals.records.items()}
         self._pending: list[Any] = []  # write futures of the last flush
         self._journal_seq = 0
         self._last_flush = time.monotonic()
@@ -187,11 +210,11 @@ class StoreWriter:
     def contains(self, key: str) -> bool:
         """True if `key` is committed, adopted from an interrupted build, or appended here
         (appended keys only with `track_new_keys`, the default)."""
-        return (self._new_keys is not None and key in self._new_keys) or bool(self._known.find([key])[0] >= 0)
+        return (self._new_keys is not None and key in self._new_keys) or bool(self.stored(*halves([key]))[0])
 
     def missing(self, keys: list[str]) -> list[bool]:
         """Vectorised `not contains` for many keys."""
-        found = self._known.find(keys) >= 0
+        found = self.stored(*halves(keys)) if keys else np.zeros(0, dtype=bool)
         if self._new_keys is not None and len(self._new_keys):
             found |= self._new_keys.contains_many(*halves(keys))
         return [not f for f in found]
@@ -201,19 +224,14 @@ class StoreWriter:
 
         Reads only structures fixed at open, so a builder may call it while another thread appends.
         """
-        return self._known.find_halves(hi, lo) >= 0
+        found = self.committed.contains_many(hi, lo)
+        if self._adopted_index is not None:
+            found |= self._adopted_index.find_halves(hi, lo) >= 0
+        return found
 
     @property
     def adopted_sequences(self) -> int:
         return sum(len(r) for r, _ in self._adopted)
-
-    def _adopt_journals(self) -> list[tuple[np.ndarray, list[str]]]:
-        names = [k for k in self.location.list("journal/") if k.endswith(".idx")]
-        parts = []
-        for name, raw in zip(names, self.location.read_many(names)):
-            if raw is not None:
-                parts.append(decode_index(raw, f"{self.location.url}/{name}"))
-        return parts
 
     # -- appending ---------------------------------------------------------------------------
     def append(self, key: str, states: np.ndarray, token_ids: np.ndarray, *, boundary: int = 0) -> None:
@@ -230,6 +248,7 @@ class StoreWriter:
         hi, lo = split_key(key)
         row = self._written_rows + len(self._encoded_tokens) + self._raw_rows
         self._fresh.append((hi, lo, row, 0, 0, len(token_ids), boundary))
+        self._appended += 1
         self._raw.append(states)
         self._raw_tokens.append(np.asarray(token_ids, dtype="<i4"))
         self._raw_rows += len(token_ids)
@@ -245,6 +264,31 @@ class StoreWriter:
     def add_document(self, doc_id: str, keys: list[str]) -> None:
         """Record that corpus document `doc_id` is stored as the windows `keys`."""
         self._docs.add(str(doc_id), keys)
+
+    def add_document_lines(self, block: bytes, count: int) -> None:
+        """Record `count` documents at once, as `erstore.docmap.entry_line` lines (the builder)."""
+        self._docs.add_lines(block, count)
+
+    @property
+    def docs_bytes(self) -> int:
+        """Bytes of document-map lines recorded so far (the offset a resume point refers to)."""
+        return self._docs.nbytes
+
+    def mark_input(self, documents: int, digest: str, docs_bytes: int) -> None:
+        """Every window of the first `documents` input documents (digest of them as read:
+        `digest`; their map lines: the first `docs_bytes`) has been appended or was stored
+        before. Journaled as a resume point once those rows are durable (see erstore.journal).
+        Called in order with `append` (on the write-behind thread)."""
+        self._marks.append((self._appended, documents, digest, docs_bytes))
+
+    def resume(self, point: ResumePoint) -> bytes:
+        """Take over `point`'s documents (an interrupted build's durable input); return their
+        document-map lines, for the builder to rebuild its deduplication set from."""
+        if self._docs.nbytes:
+            raise RuntimeError("resume() must come before any document is added")
+        lines = self.journals.read_docs(self.location, point)
+        self._docs.add_lines(lines, lines.count(b"\n"))
+        return lines
 
     def _encode_buffered(self) -> None:
         """Encode appended rows in one vectorised call and record each sequence's checksum."""
@@ -323,71 +367,90 @@ class StoreWriter:
         records = np.concatenate(self._unjournaled)
         ends = records["row"] + records["length"]
         done = int(np.searchsorted(ends, self._written_rows, side="right"))  # rows are in order
-        if done:
-            name = f"journal/{self.build_id}/{self._journal_seq:06d}.idx"
-            self.location.write(name, encode_index(records[:done], [self.build_id]))
+        durable = [m for m in self._marks if m[0] <= self._journaled + done]
+        if done or durable:
+            extra = None
+            if durable:  # the newest resume point whose rows are now all durable
+                _, documents, digest, docs_bytes = durable[-1]
+                self._marks = self._marks[len(durable):]
+                lines = self._docs.read(self._docs_journaled, docs_bytes)
+                self.location.write(journal_path(self.build_id, self._journal_seq, ".docs"), lines)
+                self._docs_journaled = docs_bytes
+                extra = {"input": {"documents": documents, "digest": digest, "docs": file_record(lines),
+                                   "needs": self._needs}}
+            name = journal_path(self.build_id, self._journal_seq)
+            self.location.write(name, encode_index(records[:done], [self.build_id], extra=extra, sealed=True))
             self._journal_seq += 1
             self._journaled += done
-            self._journaled_parts.append(records[:done])
+            self._spill.write(records[:done].tobytes())
         self._unjournaled = [records[done:]] if done < len(records) else []
 
+    def own_blocks(self, rows: int = PART_RECORDS) -> Iterator[np.ndarray]:
+        """Index records of every sequence this build made durable (after a final flush), read
+        back from the spill file in blocks of `rows`."""
+        self._spill.flush()
+        size = RECORD_DTYPE.itemsize
+        for start in range(0, self._journaled, rows):
+            n = min(rows, self._journaled - start)
+            raw = os.pread(self._spill.fileno(), n * size, start * size)
+            yield np.frombuffer(raw, dtype=RECORD_DTYPE)
+
     def own_records(self) -> np.ndarray:
-        """Index records of every sequence this build made durable (after a final flush)."""
-        if len(self._journaled_parts) > 1:
-            self._journaled_parts = [np.concatenate(self._journaled_parts)]
-        return self._journaled_parts[0] if self._journaled_parts else np.zeros(0, dtype=RECORD_DTYPE)
+        """All of `own_blocks` in one array (a distributed rank sends them to rank 0)."""
+        blocks = list(self.own_blocks())
+        return np.concatenate(blocks) if blocks else np.zeros(0, dtype=RECORD_DTYPE)
 
     # -- committing --------------------------------------------------------------------------
     def commit(self, *, build: dict[str, Any] | None = None) -> VersionManifest | None:
-        """Publish everything appended (and adopted) as one new version; None if nothing is new."""
+        """Publish everything appended (and adopted) as one new version; None if nothing is new.
+
+        The index and document map are streamed to their part files (see erstore.commitparts):
+        the commit holds one part at a time, never the whole build's index.
+        """
         self._flush(final=True)
-        parts = [(self.own_records(), [self.build_id]), *self._adopted]
-        self._journaled_parts = []  # `parts` holds the one copy; at corpus scale each copy is ~44 MB/1M
-        merged = KeyIndex.merge(parts)
-        del parts
-        arrays = merged.arrays
-        unseen = self.committed.find_halves(merged.records["hi"], merged.records["lo"]) < 0
-        fresh = merged.records if unseen.all() else merged.records[unseen]  # no copy in the usual case
-        del merged, unseen  # the sorted look-up arrays are not needed from here on
-        if not len(fresh):
+        arrays = [self.build_id]
+        blocks = renumbered(itertools.chain(((b, [self.build_id]) for b in self.own_blocks(self.part_records)),
+                                            self._adopted), arrays)
+        # The builder (track_new_keys=False) appends each key once and never one it was told is
+        # stored or adopted, so its own records need no deduplication set (16 bytes each, and
+        # look-ups that grew with the build); adopted ones, and a direct user's, get one.
+        trusted = self._journaled if self._new_keys is None else 0
+        parts = self.write_parts(blocks, arrays, self._docs.parts(self.part_documents), trusted=trusted)
+        if parts is None:
             self._cleanup_journals()
-            self.closed = True
-            self._docs.close()
+            self._finish()
             return None
-        files, added_bytes = self._write_index_files(fresh, arrays, lambda: bytes(self._docs.to_json()))
         info = {"libraries": library_versions(), **(build or {})}
-        manifest = self._publish(fresh, added_bytes, info, files)
+        manifest = self._publish(parts, info)
         self._cleanup_journals()
-        self.closed = True
-        self._docs.close()
+        self._finish()
         return manifest
 
-    def _write_index_files(self, fresh: np.ndarray, arrays: list[str],
-                           docs: Callable[[], bytes]) -> tuple[dict[str, dict[str, Any]], int]:
-        """Write this version's index and document map; return what its manifest records of
-        them and of every array they use (size and checksum, for verified reads), and the
-        arrays' bytes. The document map is made only after the encoded index is written and
-        freed: the peak is the larger of the two files, not their sum."""
-        files = {}
-        raw = encode_index(fresh, arrays)
-        self.location.write(f"index/{self.build_id}.idx", raw)
-        files[f"index/{self.build_id}.idx"] = file_record(raw)
-        del raw
-        raw = docs()
-        self.location.write(f"index/{self.build_id}.docs.json", raw)
-        files[f"index/{self.build_id}.docs.json"] = file_record(raw)
-        del raw
+    def write_parts(self, blocks: Iterable[np.ndarray], arrays: list[str],
+                    docs: Iterable[bytes], *, trusted: int = 0) -> IndexParts | None:
+        """Write this version's index (from record `blocks` numbered into `arrays`, which may
+        grow as blocks are read) and document map, part by part; None if no record is new.
+        The manifest will record every file written and the arrays' metadata files."""
+        parts = IndexParts(self.location, self.build_id, arrays, self.committed, per_part=self.part_records)
+        for block in blocks:
+            parts.add(block, remember=trusted <= 0)  # the first `trusted` records are known unique
+            trusted -= len(block)
+        parts.finish_index()
+        if not parts.sequences:
+            return None
+        parts.write_docs(docs)
         for a in arrays:
-            files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
-        return files, sum(self.location.size_of_prefix(f"arrays/{a}/") for a in arrays)
+            parts.files.update(array_file_records(self.location, a, self.codec, self.recipe.hidden_size))
+        parts.added_bytes = sum(self.location.size_of_prefix(f"arrays/{a}/") for a in arrays)
+        return parts
 
-    def _publish(self, fresh: np.ndarray, added_bytes: int, info: dict[str, Any],
-                 files: dict[str, dict[str, Any]]) -> VersionManifest:
-        """Commit the written index as the next version; `files` as `_write_index_files` returns."""
-        base, index = self._base, self.committed
+    def _publish(self, parts: IndexParts, info: dict[str, Any]) -> VersionManifest:
+        """Commit the written parts as the next version (write-if-absent; rebase on a lost race)."""
+        base = self._base
+        sequences, tokens = parts.sequences, parts.tokens
+        many = {self.build_id: parts.counts} if parts.counts != [1, 1] else {}
         for _ in range(COMMIT_ATTEMPTS):
-            new = fresh[index.find_halves(fresh["hi"], fresh["lo"]) < 0] if base is not self._base else fresh
-            added = Counts(len(new), int(new["length"].sum(dtype=np.uint64)), added_bytes)
+            added = Counts(sequences, tokens, parts.added_bytes)
             totals = base.totals if base else Counts()
             manifest = VersionManifest(
                 version=(base.version if base else 0) + 1,
@@ -398,15 +461,20 @@ class StoreWriter:
                               totals.bytes + added.bytes),
                 build=info,
                 parent=base.version if base else None,
-                files={**(base.files if base else {}), **files},
+                files={**(base.files if base else {}), **parts.files},
+                parts={**(base.parts if base else {}), **many},
             )
             if self.location.write_if_absent(version_key(manifest.version), manifest.to_json()):
                 self.location.write("latest.json", seal({"format_version": 2, "version": manifest.version}))
                 return manifest
-            # Lost the race: rebase onto the version that won and try the next number.
+            # Lost the race: rebase onto the version that won and try the next number. Keys the
+            # winner added too stay in our index files (readers keep the first occurrence) but
+            # are not counted twice.
             latest = list_versions(self.location)[-1]
             base = read_manifest(self.location, latest)
-            index = load_index(self.location, base)
+            trusted = self.own_blocks() if self._new_keys is None else ()  # not in the parts' key set
+            same, same_tokens = parts.overlap(load_index(self.location, base), trusted)
+            sequences, tokens = parts.sequences - same, parts.tokens - same_tokens
         raise CommitConflictError(
             f"could not commit to {self.location.url} after {COMMIT_ATTEMPTS} attempts; "
             "other writers keep committing. Retry the build: it will skip what they stored"
@@ -418,15 +486,19 @@ class StoreWriter:
         for b in builds:
             self.location.delete_prefix(f"journal/{b}/")
 
+    def _finish(self) -> None:
+        self.closed = True
+        self._docs.close()
+        self._spill.close()
+
     def close(self) -> None:
         """Stop without committing: durable rows stay journaled for the next build to adopt."""
         if not self.closed:
-            self.closed = True
             try:
                 self._wait_and_journal()
             finally:
                 self._pending = []
-                self._docs.close()
+                self._finish()
 
     def discard(self) -> bool:
         """After a failed build: remove the store this writer created, if nothing durable came of

@@ -62,14 +62,15 @@ def config(model, corpus, store, **kw):
 TIMED_SCRIPT = BUILD_SCRIPT.replace('{"flush_bytes": 4096}', '{"flush_bytes": 1 << 30, "journal_seconds": 0.5}')
 
 
-def start_and_interrupt(model, corpus, store, sig, *, script=BUILD_SCRIPT, journals=3) -> int:
+def start_and_interrupt(model, corpus, store, sig, *, script=BUILD_SCRIPT, journals=3, pattern="*.idx") -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script, str(model), str(corpus), str(store)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     journal = store / "journal"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and sum(1 for _ in journal.rglob("*.idx")) >= journals:
+        # A resume point is its .docs file and then its .idx file: wait for both.
+        if journal.exists() and sum(1 for p in journal.rglob(pattern) if p.with_suffix(".idx").exists()) >= journals:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the build finished before it could be interrupted"
@@ -132,6 +133,28 @@ def test_kill_mid_compute_after_a_timed_journal_resumes_part_and_computes_the_re
     assert set(final) == set(keys) and resumed.computed + resumed.resumed == clean.computed
     for a, b in zip(final.read(keys), reference.read(keys)):
         assert a.states.tobytes() == b.states.tobytes() and a.token_ids.tolist() == b.token_ids.tolist()
+    assert verify(final).ok
+
+
+def test_kill_after_a_resume_point_skips_its_documents_without_tokenizing(wide_bert, tmp_path):
+    """A journal that records how far the input is durable lets the rerun skip those documents:
+    it reads them (checking their digest) but tokenizes only the rest, and still equals an
+    uninterrupted build bit for bit, document map included."""
+    store = tmp_path / "s"
+    big = big_corpus(tmp_path / "big.jsonl", n=3000)  # a resume point comes after the 2nd buffer
+    rc = start_and_interrupt(wide_bert, big, store, signal.SIGKILL, journals=1, pattern="*.docs")
+    assert rc != 0
+    [resumed] = build(config(wide_bert, big, store))
+    info = resumed.version.build
+    assert 0 < info["skipped_documents"] < 3000, "the durable documents were tokenized again"
+    assert info["tokenized_documents"] == 3000 - info["skipped_documents"] and resumed.documents == 3000
+    [clean] = build(config(wide_bert, big, tmp_path / "clean"))
+    final, reference = erstore.open(store), erstore.open(tmp_path / "clean")
+    keys = list(reference)
+    assert set(final) == set(keys) and resumed.windows == clean.windows
+    for a, b in zip(final.read(keys), reference.read(keys)):
+        assert a.states.tobytes() == b.states.tobytes() and a.token_ids.tolist() == b.token_ids.tolist()
+    assert final.documents() == reference.documents()
     assert verify(final).ok
 
 

@@ -13,6 +13,7 @@ from erstore.errors import CorruptStoreError, IncompatibleStoreError
 from erstore.integrity import seal
 from erstore.manifest import (
     FORMAT_VERSION,
+    NEWEST_FORMAT,
     RECORD_DTYPE,
     Counts,
     Recipe,
@@ -114,7 +115,7 @@ def test_truncated_index_is_reported():
 
 def test_newer_format_version_asks_to_upgrade():
     meta = json.loads(StoreMeta(recipe(), "now", {}).to_json())
-    meta["format_version"] = FORMAT_VERSION + 1
+    meta["format_version"] = NEWEST_FORMAT + 1
     with pytest.raises(IncompatibleStoreError, match="upgrade erstore"):
         StoreMeta.from_json(seal(meta), "erstore.json")
     # Changed without a new checksum, it is damage, not a newer format.
