@@ -158,11 +158,22 @@ def build(config: BuildConfig, *, writer: Callable[..., StoreWriter] = StoreWrit
     partial = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": windower.max_length,
                "stride": windower.stride, "codec": codec.to_dict(), "hidden_size": _hidden_size(model_config)}
     options = preflight.location_options(config.store_options)
+    # Windowing left to its defaults is taken from an existing store, so that extending a store
+    # keeps its windows even when the defaults have changed since it was built.
+    adopt = frozenset(name for name in ("max_length", "stride") if getattr(config, name) is None)
     created: dict[str, Path] = {}  # local store folder -> its first ancestor that did not exist yet
+    stored = {}
     for k, path in paths.items():
-        preflight.check_store(path, {**partial, "layer": k}, **options)
+        stored[path] = preflight.check_store(path, {**partial, "layer": k}, adopt=adopt, **options)
         if "://" not in path and not Path(path).exists():
             created[path] = _first_missing(Path(path).expanduser().resolve())
+    existing = [r for r in stored.values() if r is not None]
+    if adopt and existing:
+        windower = _adopted_windower(windower, existing[0], config, model_config)
+        partial.update(max_length=windower.max_length, stride=windower.stride)
+        for path, recipe in stored.items():
+            if recipe is not None:
+                preflight.check_recipe(path, recipe, partial)
     corpus_options = config.corpus_options()
     check_corpus(config.corpus, **corpus_options)  # a peek at the first record, before any weights
     clock.lap("check")
@@ -293,6 +304,16 @@ def _check(config: BuildConfig) -> tuple[Any, Any, list[int], Windower, Any]:
     codec = parse_codec(config.codec, dtype=config.dtype)
     windower = Windower(tokenizer, max_length, max_length // 4 if config.stride is None else config.stride)
     return tokenizer, model_config, layers, windower, codec
+
+
+def _adopted_windower(windower: Windower, stored: Any, config: BuildConfig, model_config: Any) -> Windower:
+    """`windower` with the stored recipe's max_length (and stride, unless given)."""
+    max_length = stored.max_length if config.max_length is None else config.max_length
+    stride = stored.stride if config.stride is None else config.stride
+    if (max_length, stride) == (windower.max_length, windower.stride):
+        return windower
+    preflight.check_positions(max_length, model_config, config.model)
+    return Windower(windower.tokenizer, max_length, stride)
 
 
 def _model_config(name: Any) -> Any:

@@ -115,23 +115,32 @@ def location_options(store_options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in store_options.items() if k not in WRITER_OPTIONS}
 
 
-def check_store(url: str, partial: dict[str, Any], **options: Any) -> None:
-    """Reachable, writable, conditional writes, and no recipe conflict; creates nothing.
+def check_store(url: str, partial: dict[str, Any], *, adopt: frozenset[str] = frozenset(),
+                **options: Any) -> Recipe | None:
+    """Reachable, writable, conditional writes, and no recipe conflict; creates nothing. Returns
+    the existing store's recipe (None for a new store).
 
     `partial` holds the recipe fields known before the weights are loaded; an existing store
-    whose recipe differs in any of them is refused now, not after a corpus pass.
+    whose recipe differs in any of them but those in `adopt` (defaults the caller will take from
+    the store) is refused now, not after a corpus pass.
     """
     location = Location.open(url, **options)
     location.preflight(write=True)
     raw = location.read(STORE_FILE)
     if raw is None:
-        return
+        return None
     stored = StoreMeta.from_json(raw, f"{location.url}/{STORE_FILE}").recipe
+    check_recipe(location.url, stored, {k: v for k, v in partial.items() if k not in adopt})
+    return stored
+
+
+def check_recipe(url: str, stored: Recipe, partial: dict[str, Any]) -> None:
+    """Refuse a build whose recipe fields in `partial` differ from the store's."""
     diffs = [f"{name}: store has {getattr(stored, name)!r}, this build has {value!r}"
              for name, value in partial.items() if name in Recipe.IDENTITY and getattr(stored, name) != value]
     if diffs:
         raise IncompatibleStoreError(
-            f"{location.url} holds a store built with another recipe ({'; '.join(diffs)}). "
+            f"{url} holds a store built with another recipe ({'; '.join(diffs)}). "
             "Build into a different --store, or use the store's settings"
         )
 

@@ -139,3 +139,25 @@ def test_ctrl_c_during_start_up_exits_with_one_line(tiny_bert, corpus, tmp_path)
         assert proc.returncode == 130, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "interrupted" in err
+
+
+def test_extending_a_store_keeps_its_windows_when_left_to_the_defaults(tiny_bert, tmp_path):
+    """A store built with explicit windows is extended by a build that leaves them to the defaults
+    (which may have changed since: e.g. a sentence-transformers model's max_seq_length); an
+    explicit different value is still a recipe conflict."""
+    store = tmp_path / "s"
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": s} for s in SENTENCES[:3]])
+    more = write_jsonl(tmp_path / "b.jsonl", [{"text": s} for s in SENTENCES[:5]])
+    build(BuildConfig(model=str(tiny_bert), corpus=str(first), store=str(store), layers=(1,), max_length=24,
+                      stride=4, progress=False))
+    (result,) = build(BuildConfig(model=str(tiny_bert), corpus=str(more), store=str(store), layers=(1,),
+                                  progress=False))
+    opened = erstore.open(store)
+    assert (opened.recipe.max_length, opened.recipe.stride) == (24, 4)
+    assert len(opened) == len(erstore.open(store, version=1)) + result.computed > len(erstore.open(store, version=1))
+    with pytest.raises(erstore.IncompatibleStoreError, match="max_length: store has 24, this build has 32"):
+        build(BuildConfig(model=str(tiny_bert), corpus=str(more), store=str(store), layers=(1,), max_length=32,
+                          progress=False))
+    with pytest.raises(erstore.IncompatibleStoreError, match="stride: store has 4, this build has 6"):
+        build(BuildConfig(model=str(tiny_bert), corpus=str(more), store=str(store), layers=(1,), stride=6,
+                          progress=False))
