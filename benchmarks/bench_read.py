@@ -141,13 +141,7 @@ def build_tiny(path: str) -> None:
 def epoch_s(store: str, *, batch_size: int, prefetch: int, per_batch: Any = None, **options: Any) -> tuple[float, int]:
     """Seconds of one epoch (a cold cache pool; file bytes in page cache), and its batch count."""
     with erstore.open(store).loader(batch_size=batch_size, seed=0, prefetch=prefetch, **options) as loader:
-        n = 0
-        t = time.perf_counter()
-        for _ in loader:
-            n += 1
-            if per_batch is not None:
-                per_batch()
-        return time.perf_counter() - t, n
+        return epochs_s(loader, per_batch)
 
 
 def burners(ms: float) -> tuple[Any, Any]:
