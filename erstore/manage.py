@@ -32,16 +32,16 @@ from erstore.errors import ErstoreError, InvalidInputError, StoreNotFoundError
 from erstore.integrity import refuse_symlinks_out, seal
 from erstore.keys import join_key
 from erstore.location import Location
-from erstore.manifest import STORE_FILE, decode_index, version_key
+from erstore.manifest import STORE_FILE, version_key
 from erstore.store import (
     Store,
+    index_files,
     list_versions,
     read_manifest,
     read_meta,
     resolve_tag,
     tag_key,
 )
-from erstore.validate import index_cap, read_checked
 
 TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
 DEFAULT_GRACE_HOURS = 24.0 * 7
@@ -199,13 +199,9 @@ def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dr
     with reporter.phase("scan", total=len(kept), unit="versions") as phase:
         for v in sorted(kept):  # every kept version's files checked, as a reader would
             manifest = read_manifest(location, v)
-            for name in manifest.indexes:
-                needed_builds.add(name)
-                for relpath in manifest.index_paths(name):
-                    raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
-                    if raw is None:
-                        raise ErstoreError(f"{url}/{relpath} is missing; the store is damaged (run verify)")
-                    needed_builds.update(decode_index(raw, f"{url}/{relpath}")[1])
+            needed_builds.update(manifest.indexes)
+            for _, _, _, arrays in index_files(location, manifest, required=meta.verified):
+                needed_builds.update(arrays)
             phase.update()
 
     report = GcReport(location.url, dry_run, sorted(kept), dropped)
@@ -221,12 +217,12 @@ def gc(url: str, *, keep: list[int | str] = (), keep_last: int | None = None, dr
             report.deleted_builds.append(build)
             prefixes = [f"arrays/{build}/", f"journal/{build}/"]
             report.freed_bytes += sum(location.size_of_prefix(p) for p in prefixes)
-            index_files = [k for k in location.list(f"index/{build}.")]
-            report.freed_bytes += sum(len(v or b"") for v in location.read_many(index_files))
+            build_files = [k for k in location.list(f"index/{build}.")]
+            report.freed_bytes += sum(len(v or b"") for v in location.read_many(build_files))
             if not dry_run:
                 for p in prefixes:
                     location.delete_prefix(p)
-                for k in index_files:
+                for k in build_files:
                     location.delete_prefix(k)
     if not dry_run:
         for v in dropped:

@@ -203,22 +203,32 @@ def read_manifest(location: Location, version: int) -> VersionManifest:
     return manifest
 
 
+def index_files(location: Location, manifest: VersionManifest, *,
+                required: bool) -> Iterator[tuple[str, str, np.ndarray, list[str]]]:
+    """(build, where, records, arrays) of each index file of `manifest`'s version, one file's
+    bytes at a time: each file checked against the manifest (recorded size and checksum, and
+    `required` to be recorded), present, and not past its build's record count."""
+    for name in manifest.indexes:
+        records = 0
+        for relpath in manifest.index_paths(name):  # one file, or a large build's parts (format 3)
+            where = f"{location.url}/{relpath}"
+            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
+            if raw is None:
+                raise damaged(where, "is missing")
+            part, arrays = decode_index(raw, where)
+            del raw
+            records += len(part)
+            check_build_records(records, manifest, where)
+            yield name, where, part, arrays
+
+
 def load_index(location: Location, manifest: VersionManifest | None, *, meta: StoreMeta | None = None) -> KeyIndex:
     """The key index of `manifest`'s version, every file checked against the manifest (and,
     given the store's `meta`, every record against the recipe and the manifest's counts)."""
     if manifest is None:
         return KeyIndex.merge([])
     required = meta is not None and meta.verified
-    parts = []
-    for name in manifest.indexes:
-        records = 0
-        for relpath in manifest.index_paths(name):  # one file, or a large build's parts (format 3)
-            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=required)
-            if raw is None:
-                raise damaged(f"{location.url}/{relpath}", "is missing")
-            parts.append(decode_index(raw, f"{location.url}/{relpath}"))
-            records += len(parts[-1][0])
-            check_build_records(records, manifest, f"{location.url}/{relpath}")
+    parts = [(part, arrays) for _, _, part, arrays in index_files(location, manifest, required=required)]
     index = KeyIndex.merge(parts)
     if meta is not None:
         check_index(index, manifest, meta.recipe, f"{location.url}/{version_key(manifest.version)}")
@@ -232,21 +242,12 @@ def load_keys(location: Location, manifest: VersionManifest | None, *, meta: Sto
     if manifest is None:
         return KeySet()
     his, los, lengths = [], [], []
-    for name in manifest.indexes:
-        records = 0
-        for relpath in manifest.index_paths(name):
-            where = f"{location.url}/{relpath}"
-            raw = read_checked(location, manifest, relpath, cap=index_cap(manifest), required=meta.verified)
-            if raw is None:
-                raise damaged(where, "is missing")
-            part, _ = decode_index(raw, where)
-            check_records(part, where)
-            records += len(part)
-            check_build_records(records, manifest, where)
-            his.append(np.ascontiguousarray(part["hi"]))
-            los.append(np.ascontiguousarray(part["lo"]))
-            lengths.append(np.ascontiguousarray(part["length"]))
-            del raw, part
+    for _, where, part, _ in index_files(location, manifest, required=meta.verified):
+        check_records(part, where)
+        his.append(np.ascontiguousarray(part["hi"]))
+        los.append(np.ascontiguousarray(part["lo"]))
+        lengths.append(np.ascontiguousarray(part["length"]))
+        del part
     hi, lo, length = (np.concatenate(a) if a else np.zeros(0, dtype="<u8") for a in (his, los, lengths))
     del his, los, lengths
     order = np.argsort(hi)  # as KeyIndex: a sort by (hi, lo) only if some hi repeats
