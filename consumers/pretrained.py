@@ -40,7 +40,7 @@ except ImportError:  # transformers 4.x spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
 from .adapters import add_adapters, add_lora
-from .heads import HEADS
+from .heads import HEADS, make_head
 from .registry import tail_class
 from erstore.errors import IncompatibleStoreError, InvalidInputError
 from erstore.manifest import Recipe
@@ -182,7 +182,7 @@ def build_head(meta: dict[str, Any]) -> torch.nn.Module:
     kind = options.pop("kind")
     if kind not in HEADS:
         raise IncompatibleStoreError(f"unknown head kind {kind!r} in the saved config; choose one of {', '.join(HEADS)}")
-    return HEADS[kind](options.pop("hidden_size"), options.pop("num_labels"), **options)
+    return make_head(kind, hidden_size=options.pop("hidden_size"), num_labels=options.pop("num_labels"), **options)
 
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
