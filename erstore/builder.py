@@ -428,7 +428,7 @@ def _resume(open_corpus: Callable[[], Iterator[Any]], writers: dict[int, StoreWr
 
 
 def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWriter], stats: _Stats,
-             buffer_tokens: int, phases: tuple[progress.Phase, progress.Phase] | None = None,
+             buffer_tokens: int, phases: tuple[progress.Phase, progress.Phase],
              ) -> Iterator[tuple[list[tuple[str, np.ndarray, int, list[int], int]], int]]:
     """Buffers of new windows (key, ids, boundary, layers needing it, documents read before its
     slice), each ~`buffer_tokens` tokens, and the documents read by the end of each buffer.
@@ -470,8 +470,7 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
         stats.documents += len(part)
         stats.boundary(writers)
         stats.windows += len(keys)
-        if phases:
-            phases[0].update(len(part))
+        phases[0].update(len(part))
         hi, lo = halves(keys)
         new = np.flatnonzero(seen.add_many(hi, lo))
         need = {k: ~w.stored(hi[new], lo[new]) for k, w in writers.items()}
@@ -486,9 +485,8 @@ def _buffers(docs: Iterable[Any], windower: Windower, writers: dict[int, StoreWr
         if tokens >= limit:
             yield buffer, stats.documents
             buffer, tokens, limit = [], 0, min(buffer_tokens, 2 * limit)
-    if phases:
-        phases[0].close()
-        phases[1].set_total(stats.queued)
+    phases[0].close()
+    phases[1].set_total(stats.queued)
     if buffer:
         yield buffer, stats.documents
 
